@@ -1,0 +1,31 @@
+//! `tde-core`: the PostgreSQL-independent core of `pg_tde`.
+//!
+//! This crate has no pgrx dependency and no `unsafe` code. It provides:
+//!
+//! - [`cipher`]: the page ciphers (AES-CBC with ESSIV-like IVs, IEEE 1619 XTS-AES)
+//!   and the per-relation internal keys ([`RelKey`], [`PageCipher`]);
+//! - [`wrap`]: AES-GCM key wrapping with associated data;
+//! - [`keymap`]: the per-database internal key map file `$PGDATA/pg_tde/<dboid>_keys`;
+//! - [`provider`]: the key provider trait and the file keyring provider;
+//! - [`providers_catalog`]: the cluster's registry of configured key providers
+//!   (`$PGDATA/pg_tde/providers.json`).
+//!
+//! Every error is a [`TdeError`]; no error message contains key bytes.
+#![forbid(unsafe_code)]
+
+pub mod cipher;
+pub mod error;
+mod fsutil;
+pub mod keymap;
+pub mod provider;
+pub mod providers_catalog;
+mod rng;
+#[cfg(test)]
+mod testutil;
+pub mod wrap;
+
+pub use cipher::{is_all_zero, page_tweak, Cipher, PageCipher, RelKey, PAGE_SIZE};
+pub use error::{Result, TdeError};
+pub use keymap::{KeyMapEntry, KeyMapHeader, PrincipalRef};
+pub use provider::{parse_file_options, FileKeyring, KeyProvider, PrincipalKey, ProviderKind};
+pub use providers_catalog::{open_provider, ProviderCatalog, ProviderRecord};

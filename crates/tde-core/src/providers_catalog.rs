@@ -1,0 +1,513 @@
+//! The registry of configured key providers: `$PGDATA/pg_tde/providers.json`.
+//!
+//! One file for the whole cluster holds every provider, global ones (`db_oid = 0`) and
+//! those of each database:
+//!
+//! ```json
+//! {"format": "pg_tde-providers", "version": 1, "next_id": 3,
+//!  "providers": [
+//!    {"id": 1, "name": "global-file", "kind": "file",
+//!     "options": {"path": "/etc/pg_tde/keyring.json"}, "db_oid": 0},
+//!    {"id": 2, "name": "db-file", "kind": "file",
+//!     "options": {"path": "/srv/keys/db.json"}, "db_oid": 16384}]}
+//! ```
+//!
+//! Provider ids are never reused (`next_id` only grows), so a key map that refers to a
+//! provider id can never silently point at another provider. Names are unique within a
+//! scope (the cluster-wide scope, or one database); a database provider may have the same
+//! name as a global one, and [`ProviderCatalog::find`] then prefers the database's.
+//!
+//! Options hold no secrets (paths to token, certificate and key files, never their
+//! contents), so the file may be WAL-logged and listed. The serialization is deterministic
+//! (object keys sorted), so [`ProviderCatalog::to_bytes`] can be WAL-logged and replayed
+//! byte for byte.
+
+use std::collections::HashSet;
+use std::io::ErrorKind;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Result, TdeError};
+use crate::fsutil;
+use crate::provider::{parse_file_options, FileKeyring, KeyProvider, ProviderKind};
+
+const FORMAT: &str = "pg_tde-providers";
+const VERSION: u32 = 1;
+const FILE_MODE: u32 = 0o600;
+/// Longest provider name, in bytes.
+pub const MAX_PROVIDER_NAME_LEN: usize = 255;
+/// `db_oid` of cluster-wide (global) providers.
+pub const GLOBAL_DB_OID: u32 = 0;
+
+/// One configured key provider.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderRecord {
+    /// Cluster-unique id (positive, never reused).
+    pub id: i32,
+    /// Name, unique within its scope.
+    pub name: String,
+    /// Kind of provider.
+    pub kind: ProviderKind,
+    /// Kind-specific options (a JSON object).
+    pub options: Value,
+    /// Database the provider belongs to, or [`GLOBAL_DB_OID`] for a global provider.
+    pub db_oid: u32,
+}
+
+/// The set of configured key providers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderCatalog {
+    /// Id the next added provider will get.
+    pub next_id: i32,
+    /// All providers, in the order they were added.
+    pub providers: Vec<ProviderRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogFile {
+    format: String,
+    version: u32,
+    next_id: i32,
+    providers: Vec<ProviderRecord>,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_PROVIDER_NAME_LEN || name.contains('\0') {
+        return Err(TdeError::Invalid(format!(
+            "key provider name must be 1 to {MAX_PROVIDER_NAME_LEN} bytes without NUL characters, got {} bytes",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Validate the options of a provider of `kind`.
+///
+/// `file`: see [`parse_file_options`]. `vault-v2` and `kmip`: a JSON object (their full
+/// validation comes with their providers).
+pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
+    match kind {
+        ProviderKind::File => parse_file_options(options).map(|_| ()),
+        ProviderKind::VaultV2 | ProviderKind::Kmip => {
+            if options.is_object() {
+                Ok(())
+            } else {
+                Err(TdeError::Invalid(format!(
+                    "{kind} key provider options must be a JSON object"
+                )))
+            }
+        }
+    }
+}
+
+impl Default for ProviderCatalog {
+    fn default() -> Self {
+        ProviderCatalog {
+            next_id: 1,
+            providers: Vec::new(),
+        }
+    }
+}
+
+impl ProviderCatalog {
+    /// An empty catalog (`next_id` 1).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Load the catalog from `path`; a missing file is an empty catalog.
+    pub fn load(path: &Path) -> Result<Self> {
+        match std::fs::read(path) {
+            Ok(bytes) => Self::from_bytes(&bytes).map_err(|e| match e {
+                TdeError::Corrupt(m) => {
+                    TdeError::Corrupt(format!("provider catalog \"{}\": {m}", path.display()))
+                }
+                other => other,
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Self::new()),
+            Err(e) => Err(TdeError::io(
+                format!("could not read provider catalog \"{}\"", path.display()),
+                e,
+            )),
+        }
+    }
+
+    /// Serialize (deterministic JSON).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let file = CatalogFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            next_id: self.next_id,
+            providers: self.providers.clone(),
+        };
+        let mut out = serde_json::to_vec_pretty(&file)
+            .map_err(|e| TdeError::Invalid(format!("could not serialize provider catalog: {e}")))?;
+        out.push(b'\n');
+        Ok(out)
+    }
+
+    /// Parse the output of [`ProviderCatalog::to_bytes`], checking its consistency
+    /// ([`TdeError::Corrupt`] otherwise).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let corrupt = |m: String| TdeError::Corrupt(m);
+        let file: CatalogFile = serde_json::from_slice(bytes)
+            .map_err(|e| corrupt(format!("not a valid provider catalog: {e}")))?;
+        if file.format != FORMAT {
+            return Err(corrupt(format!("unexpected format \"{}\"", file.format)));
+        }
+        if file.version != VERSION {
+            return Err(corrupt(format!(
+                "unsupported version {} (this build reads version {VERSION})",
+                file.version
+            )));
+        }
+        if file.next_id < 1 {
+            return Err(corrupt(format!("bad next id {}", file.next_id)));
+        }
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        for p in &file.providers {
+            if p.id <= 0 || p.id >= file.next_id || !ids.insert(p.id) {
+                return Err(corrupt(format!(
+                    "provider \"{}\" has a bad or duplicate id {} (next id {})",
+                    p.name, p.id, file.next_id
+                )));
+            }
+            if !names.insert((p.db_oid, p.name.as_str())) {
+                return Err(corrupt(format!(
+                    "two providers named \"{}\" in the same scope",
+                    p.name
+                )));
+            }
+            validate_name(&p.name)
+                .and_then(|_| validate_options(p.kind, &p.options))
+                .map_err(|e| corrupt(format!("provider \"{}\": {e}", p.name)))?;
+        }
+        Ok(ProviderCatalog {
+            next_id: file.next_id,
+            providers: file.providers,
+        })
+    }
+
+    /// Write the catalog to `path` atomically (mode 0600; tmp + fsync + rename + dir fsync).
+    pub fn save_atomic(&self, path: &Path) -> Result<()> {
+        fsutil::replace_atomic(path, &self.to_bytes()?, FILE_MODE)
+    }
+
+    /// Add a provider to the scope `db_oid` ([`GLOBAL_DB_OID`] for a global one) and return
+    /// its id. Fails with [`TdeError::Invalid`] for a bad name or options, or a name that
+    /// already exists in that scope.
+    pub fn add(
+        &mut self,
+        name: &str,
+        kind: ProviderKind,
+        options: Value,
+        db_oid: u32,
+    ) -> Result<i32> {
+        validate_name(name)?;
+        validate_options(kind, &options)?;
+        if self
+            .providers
+            .iter()
+            .any(|p| p.db_oid == db_oid && p.name == name)
+        {
+            return Err(TdeError::Invalid(format!(
+                "key provider \"{name}\" already exists"
+            )));
+        }
+        let id = self.next_id;
+        self.next_id = id
+            .checked_add(1)
+            .ok_or_else(|| TdeError::Invalid("no key provider ids left".into()))?;
+        self.providers.push(ProviderRecord {
+            id,
+            name: name.to_string(),
+            kind,
+            options,
+            db_oid,
+        });
+        Ok(id)
+    }
+
+    /// Find a provider by name: in database `db_oid` first, then (if `include_global`)
+    /// among the global providers. With `db_oid` = [`GLOBAL_DB_OID`], only global providers.
+    pub fn find(&self, name: &str, db_oid: u32, include_global: bool) -> Option<&ProviderRecord> {
+        let in_scope = |scope: u32| {
+            self.providers
+                .iter()
+                .find(|p| p.db_oid == scope && p.name == name)
+        };
+        in_scope(db_oid).or_else(|| {
+            if include_global && db_oid != GLOBAL_DB_OID {
+                in_scope(GLOBAL_DB_OID)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The provider with id `id`.
+    pub fn by_id(&self, id: i32) -> Option<&ProviderRecord> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+
+    /// The providers of one scope (a database, or [`GLOBAL_DB_OID`]), in id order.
+    pub fn in_scope(&self, db_oid: u32) -> impl Iterator<Item = &ProviderRecord> {
+        self.providers.iter().filter(move |p| p.db_oid == db_oid)
+    }
+
+    /// Change the kind and options of provider `id` (its name, id and scope stay).
+    pub fn change(&mut self, id: i32, kind: ProviderKind, options: Value) -> Result<()> {
+        validate_options(kind, &options)?;
+        let rec = self
+            .providers
+            .iter_mut()
+            .find(|p| p.id == id)
+            .ok_or_else(|| TdeError::NotFound(format!("key provider with id {id}")))?;
+        rec.kind = kind;
+        rec.options = options;
+        Ok(())
+    }
+
+    /// Remove provider `id`, returning it. The id is not reused.
+    pub fn remove(&mut self, id: i32) -> Option<ProviderRecord> {
+        let pos = self.providers.iter().position(|p| p.id == id)?;
+        Some(self.providers.remove(pos))
+    }
+}
+
+/// Instantiate the provider described by `rec`.
+///
+/// Only `file` providers exist so far; `vault-v2` and `kmip` fail with
+/// [`TdeError::Invalid`] ("not supported yet").
+pub fn open_provider(rec: &ProviderRecord) -> Result<Box<dyn KeyProvider>> {
+    match rec.kind {
+        ProviderKind::File => Ok(Box::new(FileKeyring::new(parse_file_options(
+            &rec.options,
+        )?))),
+        ProviderKind::VaultV2 | ProviderKind::Kmip => Err(TdeError::Invalid(format!(
+            "key provider type \"{}\" is not supported yet",
+            rec.kind
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+
+    const DB: u32 = 16384;
+
+    fn file_opts(p: &str) -> Value {
+        json!({ "path": p })
+    }
+
+    #[test]
+    fn add_find_and_ids() {
+        let mut c = ProviderCatalog::new();
+        let g = c
+            .add(
+                "shared",
+                ProviderKind::File,
+                file_opts("/k/g.json"),
+                GLOBAL_DB_OID,
+            )
+            .unwrap();
+        let d = c
+            .add("mine", ProviderKind::File, file_opts("/k/d.json"), DB)
+            .unwrap();
+        assert_eq!((g, d), (1, 2));
+        assert_eq!(c.next_id, 3);
+        assert_eq!(c.find("mine", DB, false).unwrap().id, d);
+        assert_eq!(c.find("shared", DB, true).unwrap().id, g);
+        assert!(c.find("shared", DB, false).is_none());
+        assert!(c.find("mine", DB + 1, true).is_none());
+        assert!(c.find("mine", GLOBAL_DB_OID, true).is_none());
+        assert_eq!(c.find("shared", GLOBAL_DB_OID, false).unwrap().id, g);
+        assert_eq!(c.by_id(d).unwrap().name, "mine");
+        assert!(c.by_id(99).is_none());
+        assert_eq!(c.in_scope(DB).count(), 1);
+    }
+
+    #[test]
+    fn duplicates_and_scope_precedence() {
+        let mut c = ProviderCatalog::new();
+        c.add("p", ProviderKind::File, file_opts("/g"), GLOBAL_DB_OID)
+            .unwrap();
+        match c.add("p", ProviderKind::File, file_opts("/g2"), GLOBAL_DB_OID) {
+            Err(TdeError::Invalid(m)) => assert!(m.contains("already exists"), "{m}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        // the same name in a database scope is allowed and shadows the global one
+        let local = c.add("p", ProviderKind::File, file_opts("/d"), DB).unwrap();
+        assert!(matches!(
+            c.add("p", ProviderKind::File, file_opts("/d2"), DB),
+            Err(TdeError::Invalid(_))
+        ));
+        assert_eq!(c.find("p", DB, true).unwrap().id, local);
+        assert_eq!(c.find("p", DB + 1, true).unwrap().db_oid, GLOBAL_DB_OID);
+        // a failed add consumes no id
+        assert_eq!(c.next_id, 3);
+    }
+
+    #[test]
+    fn options_validation() {
+        let mut c = ProviderCatalog::new();
+        let invalid = |r: Result<i32>| matches!(r, Err(TdeError::Invalid(_)));
+        assert!(invalid(c.add(
+            "a",
+            ProviderKind::File,
+            json!({"path": "rel"}),
+            0
+        )));
+        assert!(invalid(c.add(
+            "a",
+            ProviderKind::File,
+            json!({"path": "/k", "x": 1}),
+            0
+        )));
+        assert!(invalid(c.add("a", ProviderKind::File, json!("/k"), 0)));
+        assert!(invalid(c.add("a", ProviderKind::VaultV2, json!([1]), 0)));
+        assert!(invalid(c.add("", ProviderKind::File, file_opts("/k"), 0)));
+        assert!(invalid(c.add(
+            "a\0",
+            ProviderKind::File,
+            file_opts("/k"),
+            0
+        )));
+        assert!(c.providers.is_empty());
+        c.add(
+            "v",
+            ProviderKind::VaultV2,
+            json!({"url": "https://127.0.0.1:8200"}),
+            0,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("providers.json");
+        let empty = ProviderCatalog::load(&path).unwrap();
+        assert_eq!(empty, ProviderCatalog::new());
+        assert_eq!(empty.next_id, 1);
+
+        let mut c = ProviderCatalog::new();
+        c.add("g", ProviderKind::File, file_opts("/k/g.json"), 0)
+            .unwrap();
+        let d = c
+            .add("d", ProviderKind::File, file_opts("/k/d.json"), DB)
+            .unwrap();
+        c.add(
+            "k",
+            ProviderKind::Kmip,
+            json!({"host": "127.0.0.1", "port": 5696}),
+            DB,
+        )
+        .unwrap();
+        c.remove(d).unwrap();
+        c.save_atomic(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!fsutil::tmp_path(&path).exists());
+
+        let back = ProviderCatalog::load(&path).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.next_id, 4, "removed ids are not reused");
+        assert_eq!(back.to_bytes().unwrap(), c.to_bytes().unwrap());
+        assert_eq!(
+            ProviderCatalog::from_bytes(&c.to_bytes().unwrap()).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn damaged_catalogs_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("providers.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        match ProviderCatalog::load(&path) {
+            Err(TdeError::Corrupt(m)) => assert!(m.contains("providers.json"), "{m}"),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        let rec = |id: i32, name: &str| {
+            json!({"id": id, "name": name, "kind": "file",
+                   "options": {"path": "/k"}, "db_oid": 0})
+        };
+        for bad in [
+            json!({"format": "x", "version": 1, "next_id": 1, "providers": []}),
+            json!({"format": FORMAT, "version": 9, "next_id": 1, "providers": []}),
+            json!({"format": FORMAT, "version": 1, "next_id": 0, "providers": []}),
+            json!({"format": FORMAT, "version": 1, "next_id": 2, "providers": [rec(2, "a")]}),
+            json!({"format": FORMAT, "version": 1, "next_id": 5,
+                   "providers": [rec(1, "a"), rec(1, "b")]}),
+            json!({"format": FORMAT, "version": 1, "next_id": 5,
+                   "providers": [rec(1, "a"), rec(2, "a")]}),
+            json!({"format": FORMAT, "version": 1, "next_id": 5,
+                   "providers": [{"id": 1, "name": "a", "kind": "file",
+                                  "options": {"path": "rel"}, "db_oid": 0}]}),
+            json!({"format": FORMAT, "version": 1, "next_id": 5,
+                   "providers": [{"id": 1, "name": "a", "kind": "ftp",
+                                  "options": {}, "db_oid": 0}]}),
+        ] {
+            let bytes = serde_json::to_vec(&bad).unwrap();
+            assert!(
+                matches!(
+                    ProviderCatalog::from_bytes(&bytes),
+                    Err(TdeError::Corrupt(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn change_and_remove() {
+        let mut c = ProviderCatalog::new();
+        let id = c.add("p", ProviderKind::File, file_opts("/a"), 0).unwrap();
+        c.change(id, ProviderKind::File, file_opts("/b")).unwrap();
+        assert_eq!(c.by_id(id).unwrap().options, file_opts("/b"));
+        assert!(matches!(
+            c.change(id, ProviderKind::File, json!({"path": "b"})),
+            Err(TdeError::Invalid(_))
+        ));
+        assert!(matches!(
+            c.change(42, ProviderKind::File, file_opts("/c")),
+            Err(TdeError::NotFound(_))
+        ));
+        assert_eq!(c.remove(id).unwrap().name, "p");
+        assert!(c.remove(id).is_none());
+    }
+
+    #[test]
+    fn open_provider_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("keyring.json");
+        let mut c = ProviderCatalog::new();
+        let id = c
+            .add(
+                "f",
+                ProviderKind::File,
+                file_opts(keyring.to_str().unwrap()),
+                0,
+            )
+            .unwrap();
+        let p = open_provider(c.by_id(id).unwrap()).unwrap();
+        p.check().unwrap();
+        let k = p.create_key("pk", 32).unwrap();
+        assert_eq!(p.get_key("pk").unwrap().unwrap().key, k.key);
+        assert!(keyring.exists());
+
+        let vid = c.add("v", ProviderKind::VaultV2, json!({}), 0).unwrap();
+        match open_provider(c.by_id(vid).unwrap()) {
+            Err(TdeError::Invalid(m)) => assert!(m.contains("not supported yet"), "{m}"),
+            Err(e) => panic!("expected Invalid, got {e:?}"),
+            Ok(_) => panic!("vault-v2 should not be supported yet"),
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The `pg_tde.*` settings (SPEC §8).  `pg_tde.wal_encrypt` belongs to the
+//! WAL-encryption work and is not defined until it does something.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use tde_core::cipher::Cipher;
+
+/// Values of `pg_tde.cipher`; the names are those of Percona pg_tde.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CipherSetting {
+    #[name = c"aes_128"]
+    Aes128,
+    #[name = c"aes_256"]
+    Aes256,
+    #[name = c"aes_128_xts"]
+    Aes128Xts,
+    #[name = c"aes_256_xts"]
+    Aes256Xts,
+}
+
+pub static CIPHER: GucSetting<CipherSetting> = GucSetting::<CipherSetting>::new(CipherSetting::Aes128Xts);
+pub static ENFORCE_ENCRYPTION: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static INHERIT_GLOBAL_PROVIDERS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// The cipher for new internal keys and the length of new principal keys.
+pub fn cipher() -> Cipher {
+    match CIPHER.get() {
+        CipherSetting::Aes128 => Cipher::Aes128Cbc,
+        CipherSetting::Aes256 => Cipher::Aes256Cbc,
+        CipherSetting::Aes128Xts => Cipher::Aes128Xts,
+        CipherSetting::Aes256Xts => Cipher::Aes256Xts,
+    }
+}
+
+pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"pg_tde.cipher",
+        c"Cipher of new relation keys.",
+        c"aes_128_xts and aes_256_xts are XTS (IEEE 1619); aes_128 and aes_256 are CBC as in Percona pg_tde. \
+          Also decides the length of principal keys created by pg_tde.",
+        &CIPHER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tde.enforce_encryption",
+        c"Refuse to create tables that would not be encrypted.",
+        c"",
+        &ENFORCE_ENCRYPTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tde.inherit_global_providers",
+        c"Let databases use global key providers.",
+        c"",
+        &INHERIT_GLOBAL_PROVIDERS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}

@@ -1,0 +1,406 @@
+//! The key hierarchy as PostgreSQL processes see it.
+//!
+//! - Principal keys live in key providers.  A fetched principal key is cached
+//!   in shared memory ([`PRINCIPAL_CACHE`]) so that a provider is contacted
+//!   once per key, not once per process or query.
+//! - Internal (relation) keys live wrapped in `$PGDATA/pg_tde/<db>_keys`, one
+//!   entry per relation file (relfilenumber), shared by all its forks.  Each
+//!   process caches unwrapped page ciphers in [`LOCAL`], invalidated through a
+//!   cluster-wide generation counter that every key creation and removal bumps.
+//! - Keys of temporary relations live only in the memory of their backend.
+//!
+//! Every change to a key file is WAL-logged first (see [`crate::rmgr`]), then
+//! written and fsynced under [`KEY_FILES_LOCK`], so that crash recovery and
+//! streaming standbys end up with the same files as the primary.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::{PgAtomic, pg_shmem_init};
+use tde_core::cipher::{PageCipher, RelKey};
+use tde_core::keymap::{self, KeyMapEntry, KeyMapHeader, PrincipalRef};
+use tde_core::providers_catalog::{ProviderCatalog, open_provider};
+use tde_core::{Result, TdeError};
+use zeroize::Zeroizing;
+
+use crate::rmgr;
+
+/// Directory of pg_tde's files, relative to the data directory (every
+/// PostgreSQL process runs with the data directory as its working directory).
+pub const KEY_DIR: &str = "pg_tde";
+
+pub fn map_path(db_oid: u32) -> PathBuf {
+    PathBuf::from(format!("{KEY_DIR}/{db_oid}_keys"))
+}
+
+pub fn providers_path() -> PathBuf {
+    PathBuf::from(format!("{KEY_DIR}/providers.json"))
+}
+
+fn ensure_key_dir() -> Result<()> {
+    std::fs::create_dir_all(KEY_DIR).map_err(|e| TdeError::Io { context: format!("creating directory \"{KEY_DIR}\""), source: e })?;
+    Ok(())
+}
+
+/// Identity of a relation file: tablespace, database, relfilenumber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub spc: u32,
+    pub db: u32,
+    pub rel: u32,
+}
+
+impl From<pg_sys::RelFileLocator> for FileId {
+    fn from(l: pg_sys::RelFileLocator) -> Self {
+        FileId { spc: l.spcOid.to_u32(), db: l.dbOid.to_u32(), rel: l.relNumber.to_u32() }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared memory
+
+const PRINCIPAL_SLOTS: usize = 32;
+const MAX_NAME: usize = 256;
+
+/// One cached principal key, identified by provider id and key name.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PrincipalSlot {
+    in_use: bool,
+    provider_id: i32,
+    name_len: u16,
+    name: [u8; MAX_NAME],
+    key_len: u8,
+    key: [u8; 32],
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct PrincipalCache {
+    slots: [PrincipalSlot; PRINCIPAL_SLOTS],
+    next_victim: u32,
+}
+
+impl Default for PrincipalCache {
+    fn default() -> Self {
+        let empty = PrincipalSlot { in_use: false, provider_id: 0, name_len: 0, name: [0; MAX_NAME], key_len: 0, key: [0; 32] };
+        PrincipalCache { slots: [empty; PRINCIPAL_SLOTS], next_victim: 0 }
+    }
+}
+
+// SAFETY: plain old data with no pointers; valid in any process that maps it.
+unsafe impl PGRXSharedMemory for PrincipalCache {}
+
+impl PrincipalSlot {
+    fn matches(&self, provider_id: i32, name: &str) -> bool {
+        self.in_use && self.provider_id == provider_id && &self.name[..self.name_len as usize] == name.as_bytes()
+    }
+}
+
+/// Principal keys fetched from providers, shared by all processes.
+static PRINCIPAL_CACHE: PgLwLock<PrincipalCache> = unsafe { PgLwLock::new(c"pg_tde_principal_keys") };
+/// Serialises every write of pg_tde's files (key maps, provider catalog).
+static KEY_FILES_LOCK: PgLwLock<u64> = unsafe { PgLwLock::new(c"pg_tde_key_files") };
+/// Bumped on every key creation or removal; processes drop their caches when it moves.
+static KEY_GENERATION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pg_tde_key_generation") };
+
+pub fn init_shmem() {
+    pg_shmem_init!(PRINCIPAL_CACHE);
+    pg_shmem_init!(KEY_FILES_LOCK);
+    pg_shmem_init!(KEY_GENERATION);
+}
+
+fn bump_generation() {
+    KEY_GENERATION.get().fetch_add(1, Ordering::AcqRel);
+}
+
+/// Run `f` holding the cluster-wide lock on pg_tde's files.
+pub fn with_key_files_lock<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = KEY_FILES_LOCK.exclusive();
+    f()
+}
+
+// ---------------------------------------------------------------------------
+// Principal keys
+
+fn cached_principal(r: &PrincipalRef) -> Option<Zeroizing<Vec<u8>>> {
+    let cache = PRINCIPAL_CACHE.share();
+    cache
+        .slots
+        .iter()
+        .find(|s| s.matches(r.provider_id, &r.name))
+        .map(|s| Zeroizing::new(s.key[..s.key_len as usize].to_vec()))
+}
+
+fn cache_principal(provider_id: i32, name: &str, key: &[u8]) {
+    if name.len() > MAX_NAME || key.len() > 32 {
+        return;
+    }
+    let mut cache = PRINCIPAL_CACHE.exclusive();
+    let idx = match cache.slots.iter().position(|s| s.matches(provider_id, name)).or_else(|| cache.slots.iter().position(|s| !s.in_use)) {
+        Some(i) => i,
+        None => {
+            let i = cache.next_victim as usize % PRINCIPAL_SLOTS;
+            cache.next_victim = cache.next_victim.wrapping_add(1);
+            i
+        }
+    };
+    let slot = &mut cache.slots[idx];
+    slot.key.fill(0);
+    slot.in_use = true;
+    slot.provider_id = provider_id;
+    slot.name_len = name.len() as u16;
+    slot.name[..name.len()].copy_from_slice(name.as_bytes());
+    slot.key_len = key.len() as u8;
+    slot.key[..key.len()].copy_from_slice(key);
+}
+
+/// Forget every cached principal key of a provider (its settings changed).
+pub fn forget_provider_keys(provider_id: i32) {
+    let mut cache = PRINCIPAL_CACHE.exclusive();
+    for s in cache.slots.iter_mut().filter(|s| s.in_use && s.provider_id == provider_id) {
+        s.key.fill(0);
+        s.in_use = false;
+    }
+}
+
+/// Fetch a principal key from its provider, bypassing the cache.
+pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u8>>> {
+    let catalog = ProviderCatalog::load(&providers_path())?;
+    let rec = catalog
+        .by_id(r.provider_id)
+        .ok_or_else(|| TdeError::NotFound(format!("key provider with id {} does not exist", r.provider_id)))?;
+    let provider = open_provider(rec)?;
+    match provider.get_key(&r.name)? {
+        Some(k) => Ok(k.key),
+        None => Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name))),
+    }
+}
+
+/// The principal key `r` names, from shared memory or else from its provider.
+pub fn principal_key(r: &PrincipalRef) -> Result<Zeroizing<Vec<u8>>> {
+    if let Some(k) = cached_principal(r) {
+        return Ok(k);
+    }
+    let key = fetch_principal_from_provider(r)?;
+    cache_principal(r.provider_id, &r.name, &key);
+    Ok(key)
+}
+
+/// Header of a database's key map, if it has one (that is, if the database
+/// has a principal key).
+pub fn database_header(db_oid: u32) -> Result<Option<KeyMapHeader>> {
+    match keymap::read(&map_path(db_oid)) {
+        Ok((h, _)) => Ok(Some(h)),
+        Err(TdeError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Make `principal` (whose key bytes are `key`) the principal key of a
+/// database, re-wrapping every relation key when it already had one.  The
+/// whole new map is WAL-logged and then atomically replaces the old one.
+pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) -> Result<()> {
+    ensure_key_dir()?;
+    with_key_files_lock(|| {
+        let path = map_path(db_oid);
+        let entries = match keymap::read(&path) {
+            Ok((old_header, old_entries)) => {
+                let old_key = principal_key(&old_header.principal)?;
+                old_header.verify_principal(&old_key)?;
+                let mut new_entries = Vec::with_capacity(old_entries.len());
+                for e in &old_entries {
+                    let relkey = e.open(db_oid, &old_key)?;
+                    new_entries.push(KeyMapEntry::seal(db_oid, e.spc_oid, e.rel_number, &relkey, key)?);
+                }
+                new_entries
+            }
+            Err(TdeError::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let header = KeyMapHeader::new(db_oid, principal.clone(), key)?;
+        rmgr::log_map_rewrite(db_oid, &header, &entries)?;
+        keymap::rewrite(&path, &header, &entries)?;
+        cache_principal(principal.provider_id, &principal.name, key);
+        bump_generation();
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Relation keys
+
+#[derive(Default)]
+struct LocalKeys {
+    generation: u64,
+    /// `None` caches "this file is not encrypted".
+    files: HashMap<FileId, Option<Arc<PageCipher>>>,
+    /// Keys of this backend's temporary relations.
+    temp: HashMap<FileId, Arc<PageCipher>>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<LocalKeys> = RefCell::new(LocalKeys::default());
+}
+
+/// Look up the entry of a file in its database's key map.
+fn find_entry(id: FileId) -> Result<Option<(KeyMapHeader, KeyMapEntry)>> {
+    match keymap::read(&map_path(id.db)) {
+        Ok((h, entries)) => Ok(entries.into_iter().find(|e| e.spc_oid == id.spc && e.rel_number == id.rel).map(|e| (h, e))),
+        Err(TdeError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The page cipher of a relation file, or `None` if it is not encrypted.
+/// This is on the page read/write path: it touches no catalog and, once a
+/// file's key is cached, no file and no lock.
+pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<PageCipher>>> {
+    LOCAL.with(|cell| {
+        let mut local = cell.borrow_mut();
+        if temp {
+            return Ok(local.temp.get(&id).cloned());
+        }
+        let generation = KEY_GENERATION.get().load(Ordering::Acquire);
+        if generation != local.generation {
+            local.files.clear();
+            local.generation = generation;
+        }
+        if let Some(c) = local.files.get(&id) {
+            return Ok(c.clone());
+        }
+        let cipher = match find_entry(id)? {
+            None => None,
+            Some((header, entry)) => {
+                let pk = principal_key(&header.principal)?;
+                let relkey = entry.open(id.db, &pk)?;
+                Some(Arc::new(PageCipher::new(&relkey)))
+            }
+        };
+        local.files.insert(id, cipher.clone());
+        Ok(cipher)
+    })
+}
+
+/// Whether a relation file has a key; needs no principal key.
+pub fn file_has_key(id: FileId, temp: bool) -> Result<bool> {
+    if temp {
+        return Ok(LOCAL.with(|cell| cell.borrow().temp.contains_key(&id)));
+    }
+    Ok(find_entry(id)?.is_some())
+}
+
+/// Create and record the key of a new relation file, before anything is
+/// written to it.  Fails, and so prevents the relation from being created,
+/// when its database has no principal key.
+pub fn create_file_key(id: FileId, temp: bool) -> Result<()> {
+    let relkey = RelKey::generate(crate::gucs::cipher())?;
+    if temp {
+        let cipher = Arc::new(PageCipher::new(&relkey));
+        LOCAL.with(|cell| cell.borrow_mut().temp.insert(id, cipher));
+        return Ok(());
+    }
+    let header = database_header(id.db)?.ok_or_else(|| no_principal_key(id.db))?;
+    store_file_key(id, &header, &relkey)
+}
+
+fn no_principal_key(db_oid: u32) -> TdeError {
+    TdeError::NotFound(format!(
+        "principal key not configured for database {db_oid}: cannot create an encrypted relation"
+    ))
+}
+
+fn store_file_key(id: FileId, header: &KeyMapHeader, relkey: &RelKey) -> Result<()> {
+    let pk = principal_key(&header.principal)?;
+    let entry = KeyMapEntry::seal(id.db, id.spc, id.rel, relkey, &pk)?;
+    with_key_files_lock(|| {
+        rmgr::log_relation_key(id.db, &entry)?;
+        keymap::put_entry(&map_path(id.db), &entry)?;
+        bump_generation();
+        Ok::<(), TdeError>(())
+    })?;
+    let cipher = Arc::new(PageCipher::new(relkey));
+    LOCAL.with(|cell| {
+        let mut local = cell.borrow_mut();
+        local.generation = KEY_GENERATION.get().load(Ordering::Acquire);
+        local.files.clear();
+        local.files.insert(id, Some(cipher));
+    });
+    Ok(())
+}
+
+/// Give `dst`, a copy of `src` in a database being created, a key of its own.
+/// The new database takes the source database's principal key when it has
+/// none yet.
+pub fn create_copied_file_key(src: FileId, dst: FileId) -> Result<()> {
+    let Some((src_header, _)) = find_entry(src)? else { return Ok(()) };
+    let header = match database_header(dst.db)? {
+        Some(h) => h,
+        None => {
+            let pk = principal_key(&src_header.principal)?;
+            set_database_principal(dst.db, src_header.principal.clone(), &pk)?;
+            database_header(dst.db)?.ok_or_else(|| no_principal_key(dst.db))?
+        }
+    };
+    let relkey = RelKey::generate(crate::gucs::cipher())?;
+    store_file_key(dst, &header, &relkey)
+}
+
+/// Forget the key of a relation file that is being unlinked.  Also runs
+/// during recovery, when the unlink is replayed.
+pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
+    if temp {
+        LOCAL.with(|cell| cell.borrow_mut().temp.remove(&id));
+        return Ok(());
+    }
+    let path = map_path(id.db);
+    if !path.exists() {
+        return Ok(());
+    }
+    with_key_files_lock(|| {
+        if keymap::remove_entry(&path, id.spc, id.rel)? {
+            bump_generation();
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Redo: apply WAL-logged changes to the files (no principal key needed).
+
+pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
+    ensure_key_dir()?;
+    with_key_files_lock(|| {
+        keymap::put_entry(&map_path(db_oid), entry)?;
+        bump_generation();
+        Ok(())
+    })
+}
+
+pub fn redo_map_rewrite(db_oid: u32, header: &KeyMapHeader, entries: &[KeyMapEntry]) -> Result<()> {
+    ensure_key_dir()?;
+    with_key_files_lock(|| {
+        keymap::rewrite(&map_path(db_oid), header, entries)?;
+        bump_generation();
+        Ok(())
+    })
+}
+
+pub fn redo_providers(bytes: &[u8]) -> Result<()> {
+    ensure_key_dir()?;
+    let catalog = ProviderCatalog::from_bytes(bytes)?;
+    with_key_files_lock(|| catalog.save_atomic(&providers_path()))
+}
+
+/// Save a changed provider catalog: WAL first, then the file.
+pub fn save_providers(catalog: &ProviderCatalog) -> Result<()> {
+    ensure_key_dir()?;
+    rmgr::log_providers(&catalog.to_bytes()?);
+    catalog.save_atomic(&providers_path())
+}

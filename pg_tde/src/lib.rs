@@ -1,0 +1,68 @@
+//! pg_tde: transparent data encryption for PostgreSQL 17.
+//!
+//! This crate is the thin PostgreSQL shell over `tde_core`, which holds the
+//! cryptography, the key-file formats and the key providers.  Each module here
+//! owns one PostgreSQL-facing concern:
+//!
+//! - [`gucs`]: the `pg_tde.*` settings;
+//! - [`errors`]: mapping of core errors to SQLSTATEs;
+//! - [`keys`]: the key hierarchy as PostgreSQL sees it (principal-key cache in
+//!   shared memory, per-relation key lookup and creation);
+//! - [`smgr`]: the encrypting storage manager installed through the core patch;
+//! - [`am`]: the `tde_heap` table access method;
+//! - [`hooks`]: object-access, utility and relation-file hooks that decide
+//!   which new relation files are encrypted;
+//! - [`rmgr`]: the WAL resource manager that makes key changes crash-safe and
+//!   replicated;
+//! - [`api`]: the SQL functions.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use pgrx::prelude::*;
+
+mod am;
+mod api;
+mod errors;
+mod ffi;
+mod gucs;
+mod hooks;
+mod keys;
+mod rmgr;
+mod smgr;
+mod tests;
+
+::pgrx::pg_module_magic!(name, version);
+
+/// Library entry point: installs everything, but only from
+/// `shared_preload_libraries`.  Loaded any other way (for example by
+/// `CREATE EXTENSION` alone) it refuses, because the storage manager,
+/// shared memory and the WAL resource manager must exist in every process
+/// from postmaster start on.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a backend-global flag.
+    let preloading = unsafe { (&raw const pg_sys::process_shared_preload_libraries_in_progress).read() };
+    if !preloading {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "pg_tde can only be loaded through shared_preload_libraries",
+            "Add pg_tde to shared_preload_libraries in postgresql.conf and restart the server."
+        );
+    }
+    gucs::init();
+    keys::init_shmem();
+    am::init();
+    smgr::init();
+    rmgr::init();
+    hooks::init();
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_tde'"]
+    }
+}

@@ -1,0 +1,177 @@
+//! pg_tde's WAL resource manager.
+//!
+//! Every change to pg_tde's files is WAL-logged before the file is written,
+//! and flushed, so that crash recovery and streaming standbys rebuild exactly
+//! the primary's files.  Records carry only wrapped keys: replaying them needs
+//! no principal key.
+//!
+//! | info | record | main data |
+//! | --- | --- | --- |
+//! | `0x10` | relation key added | db oid (u32 LE) + key-map entry bytes |
+//! | `0x20` | key map rewritten (principal key set or rotated) | db oid + header bytes + u32 count + entries |
+//! | `0x30` | provider catalog replaced | catalog bytes |
+//!
+//! Removal of a relation key is not logged: it follows the unlink of the
+//! relation file, which recovery replays through the storage manager.
+
+use std::ffi::{CStr, c_char};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use tde_core::keymap::{self, KeyMapEntry, KeyMapHeader};
+
+use crate::errors;
+use crate::keys;
+
+/// Custom resource manager id (custom ids are 128..=255).
+pub const RM_TDE_ID: u8 = 141;
+
+const XLOG_TDE_RELATION_KEY: u8 = 0x10;
+const XLOG_TDE_MAP_REWRITE: u8 = 0x20;
+const XLOG_TDE_PROVIDERS: u8 = 0x30;
+
+const XLR_INFO_MASK: u8 = 0x0F;
+
+static mut TDE_RMGR: pg_sys::RmgrData = pg_sys::RmgrData {
+    rm_name: c"pg_tde".as_ptr(),
+    rm_redo: Some(tde_redo),
+    rm_desc: Some(tde_desc),
+    rm_identify: Some(tde_identify),
+    rm_startup: None,
+    rm_cleanup: None,
+    rm_mask: None,
+    rm_decode: None,
+};
+
+pub fn init() {
+    // SAFETY: called once from _PG_init while shared_preload_libraries are
+    // loaded; RegisterCustomRmgr keeps the pointer to our static.
+    unsafe { pg_sys::RegisterCustomRmgr(RM_TDE_ID, &raw const TDE_RMGR) };
+}
+
+fn insert(info: u8, parts: &[&[u8]]) {
+    // SAFETY: the standard XLogBeginInsert/XLogRegisterData/XLogInsert
+    // sequence; the registered buffers outlive XLogInsert.
+    unsafe {
+        pg_sys::XLogBeginInsert();
+        for p in parts {
+            pg_sys::XLogRegisterData(p.as_ptr() as *mut c_char, p.len() as u32);
+        }
+        let lsn = pg_sys::XLogInsert(RM_TDE_ID, info);
+        pg_sys::XLogFlush(lsn);
+    }
+}
+
+pub fn log_relation_key(db_oid: u32, entry: &KeyMapEntry) -> tde_core::Result<()> {
+    let bytes = keymap::entry_to_bytes(entry);
+    insert(XLOG_TDE_RELATION_KEY, &[&db_oid.to_le_bytes(), &bytes]);
+    Ok(())
+}
+
+pub fn log_map_rewrite(db_oid: u32, header: &KeyMapHeader, entries: &[KeyMapEntry]) -> tde_core::Result<()> {
+    let mut payload = keymap::header_to_bytes(header).to_vec();
+    payload.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        payload.extend_from_slice(&keymap::entry_to_bytes(e));
+    }
+    insert(XLOG_TDE_MAP_REWRITE, &[&db_oid.to_le_bytes(), &payload]);
+    Ok(())
+}
+
+pub fn log_providers(bytes: &[u8]) {
+    insert(XLOG_TDE_PROVIDERS, &[bytes]);
+}
+
+/// The record's info bits and main data.
+///
+/// # Safety
+/// `record` must be the reader state PostgreSQL passed to a resource-manager
+/// callback, with a decoded record.
+unsafe fn record_parts<'a>(record: *mut pg_sys::XLogReaderState) -> (u8, &'a [u8]) {
+    // SAFETY: per the function contract the decoded record is valid for the
+    // duration of the callback.
+    unsafe {
+        let decoded = (*record).record;
+        let info = (*decoded).header.xl_info & !XLR_INFO_MASK;
+        let data = std::slice::from_raw_parts((*decoded).main_data as *const u8, (*decoded).main_data_len as usize);
+        (info, data)
+    }
+}
+
+fn split_db(data: &[u8]) -> (u32, &[u8]) {
+    if data.len() < 4 {
+        errors::raise(tde_core::TdeError::Corrupt("pg_tde WAL record too short".into()));
+    }
+    (u32::from_le_bytes([data[0], data[1], data[2], data[3]]), &data[4..])
+}
+
+fn parse_map_rewrite(rest: &[u8]) -> tde_core::Result<(KeyMapHeader, Vec<KeyMapEntry>)> {
+    let hlen = keymap::HEADER_SIZE;
+    let elen = keymap::ENTRY_SIZE;
+    if rest.len() < hlen + 4 {
+        return Err(tde_core::TdeError::Corrupt("pg_tde map record too short".into()));
+    }
+    let header = keymap::header_from_bytes(&rest[..hlen])?;
+    let count = u32::from_le_bytes(rest[hlen..hlen + 4].try_into().unwrap_or([0; 4])) as usize;
+    let body = &rest[hlen + 4..];
+    if body.len() != count * elen {
+        return Err(tde_core::TdeError::Corrupt("pg_tde map record has a wrong length".into()));
+    }
+    let entries = body.chunks(elen).map(keymap::entry_from_bytes).collect::<tde_core::Result<Vec<_>>>()?;
+    Ok((header, entries))
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_redo(record: *mut pg_sys::XLogReaderState) {
+    // SAFETY: called by PostgreSQL with a valid decoded record.
+    let (info, data) = unsafe { record_parts(record) };
+    let result = match info {
+        XLOG_TDE_RELATION_KEY => {
+            let (db, rest) = split_db(data);
+            keymap::entry_from_bytes(rest).and_then(|e| keys::redo_relation_key(db, &e))
+        }
+        XLOG_TDE_MAP_REWRITE => {
+            let (db, rest) = split_db(data);
+            parse_map_rewrite(rest).and_then(|(h, e)| keys::redo_map_rewrite(db, &h, &e))
+        }
+        XLOG_TDE_PROVIDERS => keys::redo_providers(data),
+        other => Err(tde_core::TdeError::Corrupt(format!("unknown pg_tde WAL record info {other:#x}"))),
+    };
+    if let Err(e) = result {
+        // Recovery cannot go on without the key files: PANIC-level errors are
+        // raised by the startup process itself when ERROR escapes redo.
+        errors::raise(e);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sys::XLogReaderState) {
+    // SAFETY: called by PostgreSQL with a valid decoded record.
+    let (info, data) = unsafe { record_parts(record) };
+    let text = match info {
+        XLOG_TDE_RELATION_KEY if data.len() >= 4 + 12 => {
+            let (db, rest) = split_db(data);
+            match keymap::entry_from_bytes(rest) {
+                Ok(e) => format!("db {db} spc {} rel {} cipher {}", e.spc_oid, e.rel_number, e.cipher.name()),
+                Err(_) => format!("db {db} (undecodable entry)"),
+            }
+        }
+        XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
+        XLOG_TDE_PROVIDERS => format!("{} bytes", data.len()),
+        _ => String::new(),
+    };
+    let c = std::ffi::CString::new(text).unwrap_or_default();
+    // SAFETY: buf is the StringInfo PostgreSQL passed in; c is NUL-terminated.
+    unsafe { pg_sys::appendStringInfoString(buf, c.as_ptr()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_identify(info: u8) -> *const c_char {
+    let name: &'static CStr = match info & !XLR_INFO_MASK {
+        XLOG_TDE_RELATION_KEY => c"RELATION_KEY",
+        XLOG_TDE_MAP_REWRITE => c"KEY_MAP_REWRITE",
+        XLOG_TDE_PROVIDERS => c"PROVIDERS",
+        _ => return std::ptr::null(),
+    };
+    name.as_ptr()
+}

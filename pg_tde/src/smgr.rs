@@ -1,0 +1,174 @@
+//! The encrypting storage manager: md.c with pages encrypted on their way to
+//! disk and decrypted on their way back, installed through the core patch's
+//! `smgr_register_extension()`.
+//!
+//! Shared buffers hold plaintext, so checksums are computed on plaintext.  A
+//! file is encrypted when its key map has an entry for it (see [`keys`]);
+//! every other file goes to md.c untouched.  Pages that md.c zero-extends stay
+//! zero on disk, and an all-zero page read back is passed up as it is: the
+//! buffer manager treats it as a new page.
+//!
+//! Tweaks: the XTS data-unit number (or the CBC IV input) is the fork and
+//! block number; the init fork uses the main fork's number because recovery
+//! copies an unlogged relation's init fork over its main fork byte for byte.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use tde_core::cipher::{PAGE_SIZE, PageCipher, is_all_zero};
+
+use crate::errors;
+use crate::ffi;
+use crate::keys::{self, FileId};
+
+/// Install the storage manager.  Must run in `_PG_init` during
+/// shared_preload_libraries processing.
+pub fn init() {
+    let sm = pg_sys::f_smgr {
+        smgr_init: Some(ffi::mdinit),
+        smgr_shutdown: None,
+        smgr_open: Some(ffi::mdopen),
+        smgr_close: Some(ffi::mdclose),
+        smgr_create: Some(ffi::mdcreate),
+        smgr_exists: Some(ffi::mdexists),
+        smgr_unlink: Some(tde_unlink),
+        smgr_extend: Some(tde_extend),
+        smgr_zeroextend: Some(ffi::mdzeroextend),
+        smgr_prefetch: Some(ffi::mdprefetch),
+        smgr_readv: Some(tde_readv),
+        smgr_writev: Some(tde_writev),
+        smgr_writeback: Some(ffi::mdwriteback),
+        smgr_nblocks: Some(ffi::mdnblocks),
+        smgr_truncate: Some(ffi::mdtruncate),
+        smgr_immedsync: Some(ffi::mdimmedsync),
+        smgr_registersync: Some(ffi::mdregistersync),
+    };
+    // SAFETY: smgr_register_extension copies the struct; we are in _PG_init
+    // during shared_preload_libraries, as it requires.
+    unsafe { pg_sys::smgr_register_extension(&sm) };
+}
+
+/// Fork number used in the tweak.
+fn tweak_fork(fork: pg_sys::ForkNumber::Type) -> u32 {
+    if fork == pg_sys::ForkNumber::INIT_FORKNUM { pg_sys::ForkNumber::MAIN_FORKNUM as u32 } else { fork as u32 }
+}
+
+fn is_temp(rl: &pg_sys::RelFileLocatorBackend) -> bool {
+    rl.backend != pg_sys::INVALID_PROC_NUMBER
+}
+
+/// The cipher of the file behind `reln`, or `None` when it is plaintext.
+///
+/// # Safety
+/// `reln` must be a valid SMgrRelation.
+unsafe fn cipher_of(reln: pg_sys::SMgrRelation) -> Option<std::sync::Arc<PageCipher>> {
+    // SAFETY: per the contract reln is valid.
+    let rl = unsafe { (*reln).smgr_rlocator };
+    match keys::file_cipher(FileId::from(rl.locator), is_temp(&rl)) {
+        Ok(c) => c,
+        Err(e) => errors::raise(e),
+    }
+}
+
+thread_local! {
+    /// Scratch space for ciphertext on its way to md.c, reused across calls.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_readv(
+    reln: pg_sys::SMgrRelation,
+    forknum: pg_sys::ForkNumber::Type,
+    blocknum: pg_sys::BlockNumber,
+    buffers: *mut *mut c_void,
+    nblocks: pg_sys::BlockNumber,
+) {
+    // SAFETY: arguments are passed through unchanged from smgrreadv.
+    unsafe { ffi::mdreadv(reln, forknum, blocknum, buffers, nblocks) };
+    // SAFETY: reln is the valid SMgrRelation smgrreadv was called with.
+    let Some(cipher) = (unsafe { cipher_of(reln) }) else { return };
+    let fork = tweak_fork(forknum);
+    for i in 0..nblocks {
+        // SAFETY: smgrreadv hands us nblocks buffers of BLCKSZ bytes each,
+        // which mdreadv has just filled.
+        let page = unsafe { std::slice::from_raw_parts_mut(*buffers.add(i as usize) as *mut u8, PAGE_SIZE) };
+        if !is_all_zero(page) {
+            cipher.decrypt_page(fork, blocknum + i, page);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_writev(
+    reln: pg_sys::SMgrRelation,
+    forknum: pg_sys::ForkNumber::Type,
+    blocknum: pg_sys::BlockNumber,
+    buffers: *mut *const c_void,
+    nblocks: pg_sys::BlockNumber,
+    skip_fsync: bool,
+) {
+    // SAFETY: reln is the valid SMgrRelation smgrwritev was called with.
+    let Some(cipher) = (unsafe { cipher_of(reln) }) else {
+        // SAFETY: arguments passed through unchanged.
+        unsafe { ffi::mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync) };
+        return;
+    };
+    let fork = tweak_fork(forknum);
+    let n = nblocks as usize;
+    SCRATCH.with(|s| {
+        let mut scratch = s.borrow_mut();
+        scratch.resize(n * PAGE_SIZE, 0);
+        let mut ptrs: Vec<*const c_void> = Vec::with_capacity(n);
+        for (i, out) in scratch.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            // SAFETY: smgrwritev hands us nblocks buffers of BLCKSZ bytes.
+            let page = unsafe { std::slice::from_raw_parts(*buffers.add(i) as *const u8, PAGE_SIZE) };
+            out.copy_from_slice(page);
+            cipher.encrypt_page(fork, blocknum + i as u32, out);
+            ptrs.push(out.as_ptr() as *const c_void);
+        }
+        // SAFETY: ptrs holds nblocks valid page pointers into scratch, which
+        // outlives the call.
+        unsafe { ffi::mdwritev(reln, forknum, blocknum, ptrs.as_mut_ptr(), nblocks, skip_fsync) };
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_extend(
+    reln: pg_sys::SMgrRelation,
+    forknum: pg_sys::ForkNumber::Type,
+    blocknum: pg_sys::BlockNumber,
+    buffer: *const c_void,
+    skip_fsync: bool,
+) {
+    // SAFETY: reln is the valid SMgrRelation smgrextend was called with.
+    let Some(cipher) = (unsafe { cipher_of(reln) }) else {
+        // SAFETY: arguments passed through unchanged.
+        unsafe { ffi::mdextend(reln, forknum, blocknum, buffer, skip_fsync) };
+        return;
+    };
+    SCRATCH.with(|s| {
+        let mut scratch = s.borrow_mut();
+        scratch.resize(PAGE_SIZE, 0);
+        // SAFETY: smgrextend hands us one buffer of BLCKSZ bytes.
+        let page = unsafe { std::slice::from_raw_parts(buffer as *const u8, PAGE_SIZE) };
+        let out = &mut scratch[..PAGE_SIZE];
+        out.copy_from_slice(page);
+        cipher.encrypt_page(tweak_fork(forknum), blocknum, out);
+        // SAFETY: out is a valid page buffer for the duration of the call.
+        unsafe { ffi::mdextend(reln, forknum, blocknum, out.as_ptr() as *const c_void, skip_fsync) };
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_unlink(rlocator: pg_sys::RelFileLocatorBackend, forknum: pg_sys::ForkNumber::Type, is_redo: bool) {
+    // SAFETY: arguments passed through unchanged.
+    unsafe { ffi::mdunlink(rlocator, forknum, is_redo) };
+    if forknum == pg_sys::ForkNumber::MAIN_FORKNUM || forknum == pg_sys::ForkNumber::InvalidForkNumber {
+        // Unlinking happens after commit or abort: never raise an error here.
+        if let Err(e) = keys::remove_file_key(FileId::from(rlocator.locator), is_temp(&rlocator)) {
+            errors::warn("could not remove the key of an unlinked relation file", &e);
+        }
+    }
+}
