@@ -8,10 +8,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use pgrx::prelude::*;
 use pgrx::{Json, PgSqlErrorCode};
 use tde_core::keymap::PrincipalRef;
-use tde_core::provider::{ProviderKind, parse_file_options};
-use tde_core::providers_catalog::{ProviderCatalog, ProviderRecord, open_provider};
+use tde_core::provider::{parse_file_options, ProviderKind};
+use tde_core::providers_catalog::{open_provider, ProviderCatalog, ProviderRecord};
 
-use crate::errors::{OrRaise, raise, raise_with};
+use crate::errors::{raise, raise_with, OrRaise};
 use crate::gucs;
 use crate::keys::{self, FileId};
 
@@ -37,7 +37,9 @@ fn require_superuser(what: &str) {
 fn required_name<'a>(value: Option<&'a str>, what: &str) -> &'a str {
     match value {
         None => raise_with(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, &format!("{what} cannot be NULL"), None),
-        Some("") => raise_with(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, &format!("{what} cannot be empty"), None),
+        Some("") => {
+            raise_with(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, &format!("{what} cannot be empty"), None)
+        }
         Some(v) if v.len() > MAX_NAME_LEN => raise_with(
             PgSqlErrorCode::ERRCODE_NAME_TOO_LONG,
             &format!("{what} is too long"),
@@ -48,11 +50,19 @@ fn required_name<'a>(value: Option<&'a str>, what: &str) -> &'a str {
 }
 
 fn scope_db(global: bool) -> u32 {
-    if global { 0 } else { my_database() }
+    if global {
+        0
+    } else {
+        my_database()
+    }
 }
 
 fn scope_word(global: bool) -> &'static str {
-    if global { "global" } else { "database" }
+    if global {
+        "global"
+    } else {
+        "database"
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -121,7 +131,9 @@ fn add_global_key_provider_file(provider_name: Option<&str>, file_path: Option<&
     add_provider(Some("file"), provider_name, Some(file_options(file_path)), true)
 }
 
-fn list_providers(global: bool) -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
+fn list_providers(
+    global: bool,
+) -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
     let db = scope_db(global);
     let catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
     let rows: Vec<_> = catalog
@@ -134,12 +146,14 @@ fn list_providers(global: bool) -> TableIterator<'static, (name!(id, i32), name!
 }
 
 #[pg_extern(name = "pg_tde_list_all_database_key_providers")]
-fn list_all_database_key_providers() -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
+fn list_all_database_key_providers(
+) -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
     list_providers(false)
 }
 
 #[pg_extern(name = "pg_tde_list_all_global_key_providers")]
-fn list_all_global_key_providers() -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
+fn list_all_global_key_providers(
+) -> TableIterator<'static, (name!(id, i32), name!(name, String), name!(type, String), name!(options, Json))> {
     list_providers(true)
 }
 
@@ -232,18 +246,26 @@ fn unix_to_timestamptz(secs: i64) -> Option<TimestampWithTimeZone> {
 }
 
 #[pg_extern(name = "pg_tde_key_info")]
-fn key_info() -> TableIterator<'static, (
-    name!(key_name, String),
-    name!(provider_name, Option<String>),
-    name!(provider_id, i32),
-    name!(key_creation_time, Option<TimestampWithTimeZone>),
-)> {
+fn key_info() -> TableIterator<
+    'static,
+    (
+        name!(key_name, String),
+        name!(provider_name, Option<String>),
+        name!(provider_id, i32),
+        name!(key_creation_time, Option<TimestampWithTimeZone>),
+    ),
+> {
     let rows = match keys::database_header(my_database()).or_raise() {
         None => Vec::new(),
         Some(h) => {
             let catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
             let provider_name = catalog.by_id(h.principal.provider_id).map(|p| p.name.clone());
-            vec![(h.principal.name.clone(), provider_name, h.principal.provider_id, unix_to_timestamptz(h.principal.created_unix_secs))]
+            vec![(
+                h.principal.name.clone(),
+                provider_name,
+                h.principal.provider_id,
+                unix_to_timestamptz(h.principal.created_unix_secs),
+            )]
         }
     };
     TableIterator::new(rows)
@@ -269,7 +291,11 @@ fn verify_key() {
     }
     let cached = keys::principal_key(&header.principal).or_raise();
     if header.verify_principal(&cached).is_err() {
-        raise_with(PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, "the cached principal key differs from the key in use", None);
+        raise_with(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            "the cached principal key differs from the key in use",
+            None,
+        );
     }
 }
 
@@ -297,12 +323,19 @@ fn is_encrypted(relation: pg_sys::Oid) -> Option<bool> {
     };
     let has_storage = matches!(
         relkind,
-        pg_sys::RELKIND_RELATION | pg_sys::RELKIND_INDEX | pg_sys::RELKIND_SEQUENCE | pg_sys::RELKIND_TOASTVALUE | pg_sys::RELKIND_MATVIEW
+        pg_sys::RELKIND_RELATION
+            | pg_sys::RELKIND_INDEX
+            | pg_sys::RELKIND_SEQUENCE
+            | pg_sys::RELKIND_TOASTVALUE
+            | pg_sys::RELKIND_MATVIEW
     );
     if !has_storage {
         return None;
     }
-    Some(keys::file_has_key(FileId::from(locator), persistence == pg_sys::RELPERSISTENCE_TEMP).unwrap_or_else(|e| raise(e)))
+    Some(
+        keys::file_has_key(FileId::from(locator), persistence == pg_sys::RELPERSISTENCE_TEMP)
+            .unwrap_or_else(|e| raise(e)),
+    )
 }
 
 #[pg_extern(name = "pg_tde_version")]

@@ -4,7 +4,7 @@
 //! this module adds the SQLSTATE and, where it helps, a hint.
 
 use pgrx::prelude::*;
-use pgrx::{PgSqlErrorCode, ereport};
+use pgrx::{ereport, PgSqlErrorCode};
 use tde_core::TdeError;
 
 /// The SQLSTATE a core error is reported with.

@@ -15,10 +15,28 @@ unsafe extern "C-unwind" {
     pub fn mdcreate(reln: SMgrRelation, forknum: ForkNumber::Type, isRedo: bool);
     pub fn mdexists(reln: SMgrRelation, forknum: ForkNumber::Type) -> bool;
     pub fn mdunlink(rlocator: RelFileLocatorBackend, forknum: ForkNumber::Type, isRedo: bool);
-    pub fn mdextend(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber, buffer: *const c_void, skipFsync: bool);
-    pub fn mdzeroextend(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber, nblocks: c_int, skipFsync: bool);
+    pub fn mdextend(
+        reln: SMgrRelation,
+        forknum: ForkNumber::Type,
+        blocknum: BlockNumber,
+        buffer: *const c_void,
+        skipFsync: bool,
+    );
+    pub fn mdzeroextend(
+        reln: SMgrRelation,
+        forknum: ForkNumber::Type,
+        blocknum: BlockNumber,
+        nblocks: c_int,
+        skipFsync: bool,
+    );
     pub fn mdprefetch(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber, nblocks: c_int) -> bool;
-    pub fn mdreadv(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber, buffers: *mut *mut c_void, nblocks: BlockNumber);
+    pub fn mdreadv(
+        reln: SMgrRelation,
+        forknum: ForkNumber::Type,
+        blocknum: BlockNumber,
+        buffers: *mut *mut c_void,
+        nblocks: BlockNumber,
+    );
     pub fn mdwritev(
         reln: SMgrRelation,
         forknum: ForkNumber::Type,

@@ -64,12 +64,20 @@ fn index_table_self(index_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
             pg_sys::F_OIDEQ.into(),
             pg_sys::Datum::from(index_oid),
         );
-        let scan = pg_sys::systable_beginscan(pg_index, pg_sys::Oid::from(pg_sys::IndexRelidIndexId), true, &raw mut pg_sys::SnapshotSelfData, 1, &mut key);
+        let scan = pg_sys::systable_beginscan(
+            pg_index,
+            pg_sys::Oid::from(pg_sys::IndexRelidIndexId),
+            true,
+            &raw mut pg_sys::SnapshotSelfData,
+            1,
+            &mut key,
+        );
         let tuple = pg_sys::systable_getnext(scan);
         let result = if tuple.is_null() {
             None
         } else {
-            let form = (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize) as *const pg_sys::FormData_pg_index;
+            let form = (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize)
+                as *const pg_sys::FormData_pg_index;
             Some((*form).indrelid)
         };
         pg_sys::systable_endscan(scan);
@@ -79,7 +87,13 @@ fn index_table_self(index_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn tde_object_access(access: pg_sys::ObjectAccessType::Type, class_id: pg_sys::Oid, object_id: pg_sys::Oid, sub_id: c_int, arg: *mut c_void) {
+unsafe extern "C-unwind" fn tde_object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: c_int,
+    arg: *mut c_void,
+) {
     // SAFETY: chaining to the previous hook with our own arguments.
     unsafe {
         if let Some(prev) = PREV_OBJECT_ACCESS {
@@ -148,7 +162,11 @@ unsafe extern "C-unwind" fn tde_relation_file_create(
     // SAFETY: rel is an open relation given by the caller.
     let (relkind, relid, index_table) = unsafe {
         let kind = (*(*rel).rd_rel).relkind as u8;
-        let table = if kind == pg_sys::RELKIND_INDEX && !(*rel).rd_index.is_null() { Some((*(*rel).rd_index).indrelid) } else { None };
+        let table = if kind == pg_sys::RELKIND_INDEX && !(*rel).rd_index.is_null() {
+            Some((*(*rel).rd_index).indrelid)
+        } else {
+            None
+        };
         (kind, (*rel).rd_id, table)
     };
     let encrypt = match relkind {
@@ -174,7 +192,8 @@ fn sync_owned_sequences(table: pg_sys::Oid) {
         return;
     }
     // SAFETY: seqs is a valid List of OIDs of the given length.
-    let oids: Vec<pg_sys::Oid> = unsafe { (0..(*seqs).length).map(|i| (*(*seqs).elements.add(i as usize)).oid_value).collect() };
+    let oids: Vec<pg_sys::Oid> =
+        unsafe { (0..(*seqs).length).map(|i| (*(*seqs).elements.add(i as usize)).oid_value).collect() };
     for seq in oids {
         // SAFETY: we lock the sequence as ALTER SEQUENCE would, and release
         // the relcache reference before rewriting it.
@@ -205,7 +224,15 @@ unsafe fn range_var_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     }
     // SAFETY: per the contract rv is valid; no lock is taken (the statement
     // that just ran holds the locks it needs).
-    let oid = unsafe { pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as pg_sys::LOCKMODE, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut()) };
+    let oid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
@@ -227,7 +254,16 @@ unsafe extern "C-unwind" fn tde_process_utility(
     unsafe {
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
         }
     }
     if stmt.is_null() {
@@ -239,10 +275,18 @@ unsafe extern "C-unwind" fn tde_process_utility(
             pg_sys::NodeTag::T_CreateStmt => range_var_oid((*(stmt as *mut pg_sys::CreateStmt)).relation),
             pg_sys::NodeTag::T_AlterTableStmt => {
                 let at = stmt as *mut pg_sys::AlterTableStmt;
-                if (*at).objtype == pg_sys::ObjectType::OBJECT_TABLE { range_var_oid((*at).relation) } else { None }
+                if (*at).objtype == pg_sys::ObjectType::OBJECT_TABLE {
+                    range_var_oid((*at).relation)
+                } else {
+                    None
+                }
             }
-            pg_sys::NodeTag::T_AlterSeqStmt => range_var_oid((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence).and_then(sequence_owner),
-            pg_sys::NodeTag::T_CreateSeqStmt => range_var_oid((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence).and_then(sequence_owner),
+            pg_sys::NodeTag::T_AlterSeqStmt => {
+                range_var_oid((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence).and_then(sequence_owner)
+            }
+            pg_sys::NodeTag::T_CreateSeqStmt => {
+                range_var_oid((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence).and_then(sequence_owner)
+            }
             _ => None,
         };
         if let Some(table) = table {

@@ -16,16 +16,16 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
-use pgrx::{PgAtomic, pg_shmem_init};
+use pgrx::{pg_shmem_init, PgAtomic};
 use tde_core::cipher::{PageCipher, RelKey};
 use tde_core::keymap::{self, KeyMapEntry, KeyMapHeader, PrincipalRef};
-use tde_core::providers_catalog::{ProviderCatalog, open_provider};
+use tde_core::providers_catalog::{open_provider, ProviderCatalog};
 use tde_core::{Result, TdeError};
 use zeroize::Zeroizing;
 
@@ -44,7 +44,8 @@ pub fn providers_path() -> PathBuf {
 }
 
 fn ensure_key_dir() -> Result<()> {
-    std::fs::create_dir_all(KEY_DIR).map_err(|e| TdeError::Io { context: format!("creating directory \"{KEY_DIR}\""), source: e })?;
+    std::fs::create_dir_all(KEY_DIR)
+        .map_err(|e| TdeError::Io { context: format!("creating directory \"{KEY_DIR}\""), source: e })?;
     Ok(())
 }
 
@@ -89,7 +90,8 @@ pub struct PrincipalCache {
 
 impl Default for PrincipalCache {
     fn default() -> Self {
-        let empty = PrincipalSlot { in_use: false, provider_id: 0, name_len: 0, name: [0; MAX_NAME], key_len: 0, key: [0; 32] };
+        let empty =
+            PrincipalSlot { in_use: false, provider_id: 0, name_len: 0, name: [0; MAX_NAME], key_len: 0, key: [0; 32] };
         PrincipalCache { slots: [empty; PRINCIPAL_SLOTS], next_victim: 0 }
     }
 }
@@ -143,7 +145,12 @@ fn cache_principal(provider_id: i32, name: &str, key: &[u8]) {
         return;
     }
     let mut cache = PRINCIPAL_CACHE.exclusive();
-    let idx = match cache.slots.iter().position(|s| s.matches(provider_id, name)).or_else(|| cache.slots.iter().position(|s| !s.in_use)) {
+    let idx = match cache
+        .slots
+        .iter()
+        .position(|s| s.matches(provider_id, name))
+        .or_else(|| cache.slots.iter().position(|s| !s.in_use))
+    {
         Some(i) => i,
         None => {
             let i = cache.next_victim as usize % PRINCIPAL_SLOTS;
@@ -179,7 +186,9 @@ pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u
     let provider = open_provider(rec)?;
     match provider.get_key(&r.name)? {
         Some(k) => Ok(k.key),
-        None => Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name))),
+        None => {
+            Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name)))
+        }
     }
 }
 
@@ -252,7 +261,9 @@ thread_local! {
 /// Look up the entry of a file in its database's key map.
 fn find_entry(id: FileId) -> Result<Option<(KeyMapHeader, KeyMapEntry)>> {
     match keymap::read(&map_path(id.db)) {
-        Ok((h, entries)) => Ok(entries.into_iter().find(|e| e.spc_oid == id.spc && e.rel_number == id.rel).map(|e| (h, e))),
+        Ok((h, entries)) => {
+            Ok(entries.into_iter().find(|e| e.spc_oid == id.spc && e.rel_number == id.rel).map(|e| (h, e)))
+        }
         Err(TdeError::NotFound(_)) => Ok(None),
         Err(e) => Err(e),
     }

@@ -14,7 +14,7 @@
 //! Removal of a relation key is not logged: it follows the unlink of the
 //! relation file, which recovery replays through the storage manager.
 
-use std::ffi::{CStr, c_char};
+use std::ffi::{c_char, CStr};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;

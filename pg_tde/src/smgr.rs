@@ -17,7 +17,7 @@ use std::ffi::c_void;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use tde_core::cipher::{PAGE_SIZE, PageCipher, is_all_zero};
+use tde_core::cipher::{is_all_zero, PageCipher, PAGE_SIZE};
 
 use crate::errors;
 use crate::ffi;
@@ -52,7 +52,11 @@ pub fn init() {
 
 /// Fork number used in the tweak.
 fn tweak_fork(fork: pg_sys::ForkNumber::Type) -> u32 {
-    if fork == pg_sys::ForkNumber::INIT_FORKNUM { pg_sys::ForkNumber::MAIN_FORKNUM as u32 } else { fork as u32 }
+    if fork == pg_sys::ForkNumber::INIT_FORKNUM {
+        pg_sys::ForkNumber::MAIN_FORKNUM as u32
+    } else {
+        fork as u32
+    }
 }
 
 fn is_temp(rl: &pg_sys::RelFileLocatorBackend) -> bool {
@@ -162,7 +166,11 @@ unsafe extern "C-unwind" fn tde_extend(
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn tde_unlink(rlocator: pg_sys::RelFileLocatorBackend, forknum: pg_sys::ForkNumber::Type, is_redo: bool) {
+unsafe extern "C-unwind" fn tde_unlink(
+    rlocator: pg_sys::RelFileLocatorBackend,
+    forknum: pg_sys::ForkNumber::Type,
+    is_redo: bool,
+) {
     // SAFETY: arguments passed through unchanged.
     unsafe { ffi::mdunlink(rlocator, forknum, is_redo) };
     if forknum == pg_sys::ForkNumber::MAIN_FORKNUM || forknum == pg_sys::ForkNumber::InvalidForkNumber {

@@ -51,7 +51,11 @@ mod tests {
         let provider = Spi::get_one::<String>("SELECT provider_name FROM pg_tde_key_info()").unwrap().unwrap();
         assert_eq!((name.as_str(), provider.as_str()), ("k_info", "p_info"));
         Spi::run("SELECT pg_tde_verify_key()").unwrap();
-        let listed = Spi::get_one::<i64>("SELECT count(*) FROM pg_tde_list_all_database_key_providers() WHERE name = 'p_info' AND type = 'file'").unwrap().unwrap();
+        let listed = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_tde_list_all_database_key_providers() WHERE name = 'p_info' AND type = 'file'",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(listed, 1);
     }
 

@@ -50,8 +50,8 @@
 use std::fmt;
 
 use aes::cipher::{
-    array::Array, consts::U16, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeEncrypt,
-    BlockSizeUser, InnerIvInit, KeyInit,
+    array::Array, consts::U16, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeEncrypt, BlockSizeUser, InnerIvInit,
+    KeyInit,
 };
 use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc};
 use zeroize::Zeroizing;
@@ -88,12 +88,7 @@ pub enum Cipher {
 
 impl Cipher {
     /// Every cipher, in id order.
-    pub const ALL: [Cipher; 4] = [
-        Cipher::Aes128Cbc,
-        Cipher::Aes256Cbc,
-        Cipher::Aes128Xts,
-        Cipher::Aes256Xts,
-    ];
+    pub const ALL: [Cipher; 4] = [Cipher::Aes128Cbc, Cipher::Aes256Cbc, Cipher::Aes128Xts, Cipher::Aes256Xts];
 
     /// The cipher for a `pg_tde.cipher` name (`aes_128`, `aes_256`, `aes_128_xts`, `aes_256_xts`).
     pub fn from_name(name: &str) -> Option<Cipher> {
@@ -183,11 +178,7 @@ impl RelKey {
         }
         let mut base_iv = Zeroizing::new([0u8; BASE_IV_LEN]);
         crate::rng::fill(&mut base_iv[..])?;
-        Ok(RelKey {
-            cipher,
-            key,
-            base_iv,
-        })
+        Ok(RelKey { cipher, key, base_iv })
     }
 
     /// Serialize: `key_len()` key bytes, then the 16-byte base IV.
@@ -215,20 +206,13 @@ impl RelKey {
         }
         let (key_bytes, iv_bytes) = bytes.split_at(len);
         if cipher.is_xts() && xts_halves_equal(key_bytes) {
-            return Err(TdeError::Invalid(format!(
-                "{} key has two equal subkeys",
-                cipher.name()
-            )));
+            return Err(TdeError::Invalid(format!("{} key has two equal subkeys", cipher.name())));
         }
         let mut key = Zeroizing::new([0u8; MAX_KEY_LEN]);
         key[..len].copy_from_slice(key_bytes);
         let mut base_iv = Zeroizing::new([0u8; BASE_IV_LEN]);
         base_iv.copy_from_slice(iv_bytes);
-        Ok(RelKey {
-            cipher,
-            key,
-            base_iv,
-        })
+        Ok(RelKey { cipher, key, base_iv })
     }
 
     /// The key material (`key_len()` bytes).
@@ -239,10 +223,7 @@ impl RelKey {
 
 impl fmt::Debug for RelKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RelKey")
-            .field("cipher", &self.cipher)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("RelKey").field("cipher", &self.cipher).field("key", &"<redacted>").finish()
     }
 }
 
@@ -261,22 +242,10 @@ pub struct PageCipher {
 }
 
 enum Engine {
-    Cbc128 {
-        aes: Aes128,
-        base_iv: Zeroizing<[u8; BASE_IV_LEN]>,
-    },
-    Cbc256 {
-        aes: Aes256,
-        base_iv: Zeroizing<[u8; BASE_IV_LEN]>,
-    },
-    Xts128 {
-        data: Aes128,
-        tweak: Aes128Enc,
-    },
-    Xts256 {
-        data: Aes256,
-        tweak: Aes256Enc,
-    },
+    Cbc128 { aes: Aes128, base_iv: Zeroizing<[u8; BASE_IV_LEN]> },
+    Cbc256 { aes: Aes256, base_iv: Zeroizing<[u8; BASE_IV_LEN]> },
+    Xts128 { data: Aes128, tweak: Aes128Enc },
+    Xts256 { data: Aes256, tweak: Aes256Enc },
 }
 
 impl Engine {
@@ -293,37 +262,22 @@ impl Engine {
         }
         let base_iv = Zeroizing::new(*base_iv);
         Ok(match cipher {
-            Cipher::Aes128Cbc => Engine::Cbc128 {
-                aes: new_key(key)?,
-                base_iv,
-            },
-            Cipher::Aes256Cbc => Engine::Cbc256 {
-                aes: new_key(key)?,
-                base_iv,
-            },
+            Cipher::Aes128Cbc => Engine::Cbc128 { aes: new_key(key)?, base_iv },
+            Cipher::Aes256Cbc => Engine::Cbc256 { aes: new_key(key)?, base_iv },
             Cipher::Aes128Xts => {
                 let (k1, k2) = key.split_at(16);
-                Engine::Xts128 {
-                    data: new_key(k1)?,
-                    tweak: new_key(k2)?,
-                }
+                Engine::Xts128 { data: new_key(k1)?, tweak: new_key(k2)? }
             }
             Cipher::Aes256Xts => {
                 let (k1, k2) = key.split_at(32);
-                Engine::Xts256 {
-                    data: new_key(k1)?,
-                    tweak: new_key(k2)?,
-                }
+                Engine::Xts256 { data: new_key(k1)?, tweak: new_key(k2)? }
             }
         })
     }
 
     fn crypt(&self, tweak: u128, buf: &mut [u8], dir: Direction) {
         let (blocks, tail) = buf.as_chunks_mut::<AES_BLOCK_SIZE>();
-        assert!(
-            tail.is_empty(),
-            "buffer length must be a multiple of {AES_BLOCK_SIZE} bytes"
-        );
+        assert!(tail.is_empty(), "buffer length must be a multiple of {AES_BLOCK_SIZE} bytes");
         match self {
             Engine::Cbc128 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, blocks, dir),
             Engine::Cbc256 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, blocks, dir),
@@ -348,10 +302,7 @@ impl PageCipher {
     pub fn new(key: &RelKey) -> PageCipher {
         let engine = Engine::new(key.cipher, key.key_material(), &key.base_iv)
             .expect("a RelKey always holds key_len() bytes of key material");
-        PageCipher {
-            cipher: key.cipher,
-            engine,
-        }
+        PageCipher { cipher: key.cipher, engine }
     }
 
     /// The cipher of this page cipher.
@@ -362,15 +313,13 @@ impl PageCipher {
     /// Encrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn encrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine
-            .crypt(page_tweak(fork, block), page, Direction::Encrypt);
+        self.engine.crypt(page_tweak(fork, block), page, Direction::Encrypt);
     }
 
     /// Decrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn decrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine
-            .crypt(page_tweak(fork, block), page, Direction::Decrypt);
+        self.engine.crypt(page_tweak(fork, block), page, Direction::Decrypt);
     }
 
     /// Encrypt a buffer of any multiple of 16 bytes as one data unit with the given tweak.
@@ -392,9 +341,7 @@ impl PageCipher {
 
 impl fmt::Debug for PageCipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PageCipher")
-            .field("cipher", &self.cipher)
-            .finish_non_exhaustive()
+        f.debug_struct("PageCipher").field("cipher", &self.cipher).finish_non_exhaustive()
     }
 }
 
@@ -437,13 +384,8 @@ fn xor_tweaks(blocks: &mut [[u8; AES_BLOCK_SIZE]], tweaks: &[u128]) {
     }
 }
 
-fn xts_crypt<D, T>(
-    data_key: &D,
-    tweak_key: &T,
-    seq: u128,
-    blocks: &mut [[u8; AES_BLOCK_SIZE]],
-    dir: Direction,
-) where
+fn xts_crypt<D, T>(data_key: &D, tweak_key: &T, seq: u128, blocks: &mut [[u8; AES_BLOCK_SIZE]], dir: Direction)
+where
     D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
     T: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>,
 {
@@ -486,13 +428,8 @@ where
     b.into()
 }
 
-fn cbc_crypt<C>(
-    aes: &C,
-    base_iv: &[u8; BASE_IV_LEN],
-    tweak: u128,
-    blocks: &mut [[u8; AES_BLOCK_SIZE]],
-    dir: Direction,
-) where
+fn cbc_crypt<C>(aes: &C, base_iv: &[u8; BASE_IV_LEN], tweak: u128, blocks: &mut [[u8; AES_BLOCK_SIZE]], dir: Direction)
+where
     C: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
 {
     let iv = cbc_iv(aes, base_iv, tweak);
@@ -542,9 +479,7 @@ fn xor_block(a: &mut [u8; AES_BLOCK_SIZE], b: &[u8; AES_BLOCK_SIZE]) {
 fn blocks_of(buf: &mut [u8]) -> Result<&mut [[u8; AES_BLOCK_SIZE]]> {
     let (blocks, tail) = buf.as_chunks_mut::<AES_BLOCK_SIZE>();
     if !tail.is_empty() {
-        return Err(TdeError::Invalid(format!(
-            "buffer length must be a multiple of {AES_BLOCK_SIZE} bytes"
-        )));
+        return Err(TdeError::Invalid(format!("buffer length must be a multiple of {AES_BLOCK_SIZE} bytes")));
     }
     Ok(blocks)
 }
@@ -566,11 +501,7 @@ fn raw_cbc(key: &[u8], iv: &[u8; 16], buf: &mut [u8], dir: Direction) -> Result<
                 Direction::Decrypt => cbc_decrypt_blocks(&aes, iv, blocks),
             }
         }
-        n => {
-            return Err(TdeError::Invalid(format!(
-                "CBC key must be 16 or 32 bytes, got {n}"
-            )))
-        }
+        n => return Err(TdeError::Invalid(format!("CBC key must be 16 or 32 bytes, got {n}"))),
     }
     Ok(())
 }
@@ -591,11 +522,7 @@ fn raw_xts(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction) -> Result<()> 
     let cipher = match key.len() {
         32 => Cipher::Aes128Xts,
         64 => Cipher::Aes256Xts,
-        n => {
-            return Err(TdeError::Invalid(format!(
-                "XTS key must be 32 or 64 bytes, got {n}"
-            )))
-        }
+        n => return Err(TdeError::Invalid(format!("XTS key must be 32 or 64 bytes, got {n}"))),
     };
     blocks_of(buf)?;
     Engine::new(cipher, key, &[0u8; BASE_IV_LEN])?.crypt(seq, buf, dir);
@@ -622,11 +549,7 @@ pub fn is_all_zero(page: &[u8]) -> bool {
     let (chunks, tail) = page.as_chunks::<64>();
     for chunk in chunks {
         let (words, _) = chunk.as_chunks::<16>();
-        if words
-            .iter()
-            .fold(0u128, |acc, w| acc | u128::from_ne_bytes(*w))
-            != 0
-        {
+        if words.iter().fold(0u128, |acc, w| acc | u128::from_ne_bytes(*w)) != 0 {
             return false;
         }
     }
@@ -738,10 +661,9 @@ mod tests {
     /// The same vectors through the production API: RelKey -> PageCipher -> encrypt_buf.
     #[test]
     fn xts_vectors_through_page_cipher() {
-        for (cipher, key, seq, ct) in [
-            (Cipher::Aes128Xts, V4_KEY, 0u128, V4_CT),
-            (Cipher::Aes256Xts, V10_KEY, 0xff, V10_CT),
-        ] {
+        for (cipher, key, seq, ct) in
+            [(Cipher::Aes128Xts, V4_KEY, 0u128, V4_CT), (Cipher::Aes256Xts, V10_KEY, 0xff, V10_CT)]
+        {
             let mut bytes = hex(key);
             bytes.extend_from_slice(&[0x5a; 16]);
             let pc = PageCipher::new(&RelKey::from_bytes(cipher, &bytes).unwrap());
@@ -954,18 +876,9 @@ mod tests {
     #[test]
     fn raw_helpers_reject_bad_lengths() {
         let iv = [0u8; 16];
-        assert!(matches!(
-            cbc_encrypt_raw(&[0u8; 24], &iv, &mut [0u8; 16]),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            cbc_encrypt_raw(&[0u8; 16], &iv, &mut [0u8; 15]),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            xts_encrypt_raw(&[0u8; 48], 0, &mut [0u8; 16]),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(cbc_encrypt_raw(&[0u8; 24], &iv, &mut [0u8; 16]), Err(TdeError::Invalid(_))));
+        assert!(matches!(cbc_encrypt_raw(&[0u8; 16], &iv, &mut [0u8; 15]), Err(TdeError::Invalid(_))));
+        assert!(matches!(xts_encrypt_raw(&[0u8; 48], 0, &mut [0u8; 16]), Err(TdeError::Invalid(_))));
     }
 
     // ---- page round trips -----------------------------------------------------------
@@ -1066,16 +979,9 @@ mod tests {
             assert_eq!(bytes.len(), cipher.key_len() + BASE_IV_LEN);
             let back = RelKey::from_bytes(cipher, &bytes).unwrap();
             assert_eq!(back, key);
-            assert_ne!(
-                RelKey::generate(cipher).unwrap(),
-                key,
-                "keys must be random"
-            );
+            assert_ne!(RelKey::generate(cipher).unwrap(), key, "keys must be random");
             // wrong length
-            assert!(matches!(
-                RelKey::from_bytes(cipher, &bytes[1..]),
-                Err(TdeError::Invalid(_))
-            ));
+            assert!(matches!(RelKey::from_bytes(cipher, &bytes[1..]), Err(TdeError::Invalid(_))));
         }
     }
 
@@ -1083,10 +989,7 @@ mod tests {
     fn relkey_rejects_equal_xts_subkeys() {
         let mut bytes = vec![7u8; 32];
         bytes.extend_from_slice(&[0u8; 16]);
-        assert!(matches!(
-            RelKey::from_bytes(Cipher::Aes128Xts, &bytes),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(RelKey::from_bytes(Cipher::Aes128Xts, &bytes), Err(TdeError::Invalid(_))));
         // the same bytes are fine for CBC-256 (one 32-byte key)
         assert!(RelKey::from_bytes(Cipher::Aes256Cbc, &bytes).is_ok());
     }

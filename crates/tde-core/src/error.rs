@@ -47,9 +47,6 @@ pub type Result<T> = std::result::Result<T, TdeError>;
 impl TdeError {
     /// Build an [`TdeError::Io`] from a context string and the underlying error.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        TdeError::Io {
-            context: context.into(),
-            source,
-        }
+        TdeError::Io { context: context.into(), source }
     }
 }

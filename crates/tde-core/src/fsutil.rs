@@ -38,10 +38,9 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
 /// Remove a file, ignoring "not found".
 fn remove_if_exists(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(TdeError::io(
-            format!("could not remove {}", path.display()),
-            e,
-        )),
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            Err(TdeError::io(format!("could not remove {}", path.display()), e))
+        }
         _ => Ok(()),
     }
 }
@@ -59,10 +58,8 @@ fn write_tmp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
         .mode(mode)
         .open(&tmp)
         .map_err(|e| TdeError::io(ctx("create"), e))?;
-    let result = f
-        .set_permissions(Permissions::from_mode(mode))
-        .and_then(|_| f.write_all(bytes))
-        .and_then(|_| f.sync_all());
+    let result =
+        f.set_permissions(Permissions::from_mode(mode)).and_then(|_| f.write_all(bytes)).and_then(|_| f.sync_all());
     if let Err(e) = result {
         drop(f);
         let _ = fs::remove_file(&tmp);
@@ -76,10 +73,7 @@ pub(crate) fn replace_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()>
     let tmp = write_tmp(path, bytes, mode)?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
-        return Err(TdeError::io(
-            format!("could not rename {} to {}", tmp.display(), path.display()),
-            e,
-        ));
+        return Err(TdeError::io(format!("could not rename {} to {}", tmp.display(), path.display()), e));
     }
     fsync_dir(parent_dir(path))
 }
@@ -94,14 +88,10 @@ pub(crate) fn create_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> 
     remove_if_exists(&tmp)?;
     match linked {
         Ok(()) => fsync_dir(parent_dir(path)),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(TdeError::Invalid(format!(
-            "{} already exists",
-            path.display()
-        ))),
-        Err(e) => Err(TdeError::io(
-            format!("could not create {}", path.display()),
-            e,
-        )),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            Err(TdeError::Invalid(format!("{} already exists", path.display())))
+        }
+        Err(e) => Err(TdeError::io(format!("could not create {}", path.display()), e)),
     }
 }
 
@@ -115,10 +105,7 @@ mod tests {
         let p = dir.path().join("f");
         create_atomic(&p, b"one", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"one");
-        assert!(matches!(
-            create_atomic(&p, b"two", 0o600),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(create_atomic(&p, b"two", 0o600), Err(TdeError::Invalid(_))));
         assert_eq!(fs::read(&p).unwrap(), b"one");
         replace_atomic(&p, b"three", 0o600).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"three");

@@ -175,26 +175,20 @@ impl KeyMapHeader {
     pub fn new(db_oid: u32, principal: PrincipalRef, principal_key: &[u8]) -> Result<Self> {
         validate_principal_name(&principal.name)?;
         let check = wrap::wrap(principal_key, &check_aad(db_oid), &CHECK_PLAINTEXT)?;
-        Ok(KeyMapHeader {
-            db_oid,
-            principal,
-            check,
-        })
+        Ok(KeyMapHeader { db_oid, principal, check })
     }
 
     /// Verify that `principal_key` is the key this map was created with.
     ///
     /// Fails with [`TdeError::Decrypt`] for any other key.
     pub fn verify_principal(&self, principal_key: &[u8]) -> Result<()> {
-        let plain = wrap::unwrap(principal_key, &check_aad(self.db_oid), &self.check).map_err(
-            |e| match e {
-                TdeError::Decrypt(_) => TdeError::Decrypt(format!(
-                    "principal key does not match the key \"{}\" of the key map of database {}",
-                    self.principal.name, self.db_oid
-                )),
-                other => other,
-            },
-        )?;
+        let plain = wrap::unwrap(principal_key, &check_aad(self.db_oid), &self.check).map_err(|e| match e {
+            TdeError::Decrypt(_) => TdeError::Decrypt(format!(
+                "principal key does not match the key \"{}\" of the key map of database {}",
+                self.principal.name, self.db_oid
+            )),
+            other => other,
+        })?;
         if plain[..] != CHECK_PLAINTEXT {
             return Err(TdeError::Corrupt(format!(
                 "principal key check of database {} has unexpected content",
@@ -232,21 +226,10 @@ fn wrapped_len(cipher: Cipher) -> usize {
 
 impl KeyMapEntry {
     /// Wrap `key` for relation `spc_oid`/`rel_number` of database `db_oid`.
-    pub fn seal(
-        db_oid: u32,
-        spc_oid: u32,
-        rel_number: u32,
-        key: &RelKey,
-        principal_key: &[u8],
-    ) -> Result<Self> {
+    pub fn seal(db_oid: u32, spc_oid: u32, rel_number: u32, key: &RelKey, principal_key: &[u8]) -> Result<Self> {
         let aad = entry_aad(db_oid, spc_oid, rel_number, key.cipher);
         let wrapped = wrap::wrap(principal_key, &aad, &key.to_bytes())?;
-        Ok(KeyMapEntry {
-            spc_oid,
-            rel_number,
-            cipher: key.cipher,
-            wrapped,
-        })
+        Ok(KeyMapEntry { spc_oid, rel_number, cipher: key.cipher, wrapped })
     }
 
     /// Unwrap the key. Fails with [`TdeError::Decrypt`] if `principal_key` is wrong or the
@@ -294,9 +277,7 @@ fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
 fn validate_header(header: &KeyMapHeader) -> Result<()> {
     validate_principal_name(&header.principal.name)?;
     if header.check.len() != CHECK_LEN {
-        return Err(TdeError::Invalid(
-            "key map header has a bad check blob".into(),
-        ));
+        return Err(TdeError::Invalid("key map header has a bad check blob".into()));
     }
     Ok(())
 }
@@ -318,16 +299,8 @@ pub fn header_to_bytes(header: &KeyMapHeader) -> [u8; HEADER_SIZE] {
     put(&mut b, h::HEADER_SIZE, &(HEADER_SIZE as u32).to_le_bytes());
     put(&mut b, h::ENTRY_SIZE, &(ENTRY_SIZE as u32).to_le_bytes());
     put(&mut b, h::DB_OID, &header.db_oid.to_le_bytes());
-    put(
-        &mut b,
-        h::PROVIDER_ID,
-        &header.principal.provider_id.to_le_bytes(),
-    );
-    put(
-        &mut b,
-        h::CREATED,
-        &header.principal.created_unix_secs.to_le_bytes(),
-    );
+    put(&mut b, h::PROVIDER_ID, &header.principal.provider_id.to_le_bytes());
+    put(&mut b, h::CREATED, &header.principal.created_unix_secs.to_le_bytes());
     put(&mut b, h::NAME_LEN, &(name.len() as u16).to_le_bytes());
     put(&mut b, h::CHECK_LEN, &(CHECK_LEN as u16).to_le_bytes());
     put(&mut b, h::CHECK, &header.check);
@@ -339,26 +312,19 @@ pub fn header_to_bytes(header: &KeyMapHeader) -> [u8; HEADER_SIZE] {
 
 fn parse_header(b: &[u8]) -> std::result::Result<KeyMapHeader, String> {
     if b.len() != HEADER_SIZE {
-        return Err(format!(
-            "header is {} bytes, expected {HEADER_SIZE}",
-            b.len()
-        ));
+        return Err(format!("header is {} bytes, expected {HEADER_SIZE}", b.len()));
     }
     if get::<8>(b, h::MAGIC) != MAGIC {
         return Err("bad magic: not a pg_tde key map".into());
     }
     let version = get_u32(b, h::VERSION);
     if version != VERSION {
-        return Err(format!(
-            "unsupported format version {version} (this build reads version {VERSION})"
-        ));
+        return Err(format!("unsupported format version {version} (this build reads version {VERSION})"));
     }
     let stored = get_u32(b, h::CRC);
     let computed = crc32c::crc32c(&b[..h::CRC]);
     if stored != computed {
-        return Err(format!(
-            "header CRC mismatch (stored {stored:08x}, computed {computed:08x})"
-        ));
+        return Err(format!("header CRC mismatch (stored {stored:08x}, computed {computed:08x})"));
     }
     let (hs, es) = (get_u32(b, h::HEADER_SIZE), get_u32(b, h::ENTRY_SIZE));
     if hs as usize != HEADER_SIZE || es as usize != ENTRY_SIZE {
@@ -439,10 +405,7 @@ fn free_record() -> [u8; ENTRY_SIZE] {
 /// Parse one record: `Ok(None)` for a free slot.
 fn parse_record(b: &[u8]) -> std::result::Result<Option<KeyMapEntry>, String> {
     if b.len() != ENTRY_SIZE {
-        return Err(format!(
-            "record is {} bytes, expected {ENTRY_SIZE}",
-            b.len()
-        ));
+        return Err(format!("record is {} bytes, expected {ENTRY_SIZE}", b.len()));
     }
     if b.iter().all(|&x| x == 0) {
         return Ok(None);
@@ -450,9 +413,7 @@ fn parse_record(b: &[u8]) -> std::result::Result<Option<KeyMapEntry>, String> {
     let stored = get_u32(b, e::CRC);
     let computed = crc32c::crc32c(&b[..e::CRC]);
     if stored != computed {
-        return Err(format!(
-            "record CRC mismatch (stored {stored:08x}, computed {computed:08x})"
-        ));
+        return Err(format!("record CRC mismatch (stored {stored:08x}, computed {computed:08x})"));
     }
     match get_u32(b, e::STATE) {
         STATE_FREE => return Ok(None),
@@ -460,13 +421,10 @@ fn parse_record(b: &[u8]) -> std::result::Result<Option<KeyMapEntry>, String> {
         s => return Err(format!("bad record state {s}")),
     }
     let cipher_id = get_u32(b, e::CIPHER);
-    let cipher =
-        Cipher::from_u32(cipher_id).ok_or_else(|| format!("unknown cipher id {cipher_id}"))?;
+    let cipher = Cipher::from_u32(cipher_id).ok_or_else(|| format!("unknown cipher id {cipher_id}"))?;
     let len = get_u32(b, e::WRAPPED_LEN) as usize;
     if len != wrapped_len(cipher) {
-        return Err(format!(
-            "wrapped key length {len} does not match cipher {cipher}"
-        ));
+        return Err(format!("wrapped key length {len} does not match cipher {cipher}"));
     }
     Ok(Some(KeyMapEntry {
         spc_oid: get_u32(b, e::SPC_OID),
@@ -498,10 +456,7 @@ fn parse_file(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Option<KeyM
     if data.len() < HEADER_SIZE {
         return Err(corrupt(
             path,
-            format_args!(
-                "file is {} bytes, shorter than its {HEADER_SIZE}-byte header",
-                data.len()
-            ),
+            format_args!("file is {} bytes, shorter than its {HEADER_SIZE}-byte header", data.len()),
         ));
     }
     let (head, body) = data.split_at(HEADER_SIZE);
@@ -510,11 +465,7 @@ fn parse_file(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Option<KeyM
     if !tail.is_empty() {
         return Err(corrupt(
             path,
-            format_args!(
-                "{} trailing bytes after slot {} (truncated record)",
-                tail.len(),
-                records.len()
-            ),
+            format_args!("{} trailing bytes after slot {} (truncated record)", tail.len(), records.len()),
         ));
     }
     let mut seen = HashSet::with_capacity(records.len());
@@ -525,10 +476,7 @@ fn parse_file(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Option<KeyM
             if !seen.insert((entry.spc_oid, entry.rel_number)) {
                 return Err(corrupt(
                     path,
-                    format_args!(
-                        "slot {i}: second entry for relation file {}/{}",
-                        entry.spc_oid, entry.rel_number
-                    ),
+                    format_args!("slot {i}: second entry for relation file {}/{}", entry.spc_oid, entry.rel_number),
                 ));
             }
         }
@@ -541,10 +489,7 @@ fn not_found_or_io(path: &Path, what: &str, e: std::io::Error) -> TdeError {
     if e.kind() == ErrorKind::NotFound {
         TdeError::NotFound(format!("key map file \"{}\"", path.display()))
     } else {
-        TdeError::io(
-            format!("could not {what} key map file \"{}\"", path.display()),
-            e,
-        )
+        TdeError::io(format!("could not {what} key map file \"{}\"", path.display()), e)
     }
 }
 
@@ -576,16 +521,10 @@ pub fn read(path: &Path) -> Result<(KeyMapHeader, Vec<KeyMapEntry>)> {
 /// Open an existing key map for update and take an exclusive lock on it; return the
 /// file and its parsed slots.
 fn open_locked(path: &Path) -> Result<(File, Vec<Option<KeyMapEntry>>)> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| not_found_or_io(path, "open", e))?;
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| not_found_or_io(path, "open", e))?;
     file.lock().map_err(|e| not_found_or_io(path, "lock", e))?;
     let mut data = Vec::new();
-    (&file)
-        .read_to_end(&mut data)
-        .map_err(|e| not_found_or_io(path, "read", e))?;
+    (&file).read_to_end(&mut data).map_err(|e| not_found_or_io(path, "read", e))?;
     let (_, slots) = parse_file(path, &data)?;
     Ok((file, slots))
 }
@@ -594,15 +533,7 @@ fn write_slot(file: &File, path: &Path, slot: usize, record: &[u8; ENTRY_SIZE]) 
     let offset = (HEADER_SIZE + slot * ENTRY_SIZE) as u64;
     file.write_all_at(record, offset)
         .and_then(|_| file.sync_all())
-        .map_err(|e| {
-            TdeError::io(
-                format!(
-                    "could not write slot {slot} of key map file \"{}\"",
-                    path.display()
-                ),
-                e,
-            )
-        })
+        .map_err(|e| TdeError::io(format!("could not write slot {slot} of key map file \"{}\"", path.display()), e))
 }
 
 /// Store `entry`: overwrite the in-use record of the same relation file if there is one,
@@ -614,10 +545,7 @@ pub fn put_entry(path: &Path, entry: &KeyMapEntry) -> Result<()> {
     let (file, slots) = open_locked(path)?;
     let slot = slots
         .iter()
-        .position(|s| {
-            s.as_ref()
-                .is_some_and(|e| e.same_relation(entry.spc_oid, entry.rel_number))
-        })
+        .position(|s| s.as_ref().is_some_and(|e| e.same_relation(entry.spc_oid, entry.rel_number)))
         .or_else(|| slots.iter().position(Option::is_none))
         .unwrap_or(slots.len());
     write_slot(&file, path, slot, &record)
@@ -626,10 +554,7 @@ pub fn put_entry(path: &Path, entry: &KeyMapEntry) -> Result<()> {
 /// Mark the entry of relation file `spc_oid`/`rel_number` free. Returns whether there was one.
 pub fn remove_entry(path: &Path, spc_oid: u32, rel_number: u32) -> Result<bool> {
     let (file, slots) = open_locked(path)?;
-    let found = slots.iter().position(|s| {
-        s.as_ref()
-            .is_some_and(|e| e.same_relation(spc_oid, rel_number))
-    });
+    let found = slots.iter().position(|s| s.as_ref().is_some_and(|e| e.same_relation(spc_oid, rel_number)));
     match found {
         Some(slot) => write_slot(&file, path, slot, &free_record()).map(|_| true),
         None => Ok(false),
@@ -667,11 +592,7 @@ mod tests {
     const DB: u32 = 16384;
 
     fn principal() -> PrincipalRef {
-        PrincipalRef {
-            name: "db-key-1".into(),
-            provider_id: 3,
-            created_unix_secs: 1_763_800_000,
-        }
+        PrincipalRef { name: "db-key-1".into(), provider_id: 3, created_unix_secs: 1_763_800_000 }
     }
 
     fn setup() -> (tempfile::TempDir, PathBuf, Vec<u8>, KeyMapHeader) {
@@ -796,10 +717,7 @@ mod tests {
             other => panic!("expected Corrupt, got {other:?}"),
         }
         // updates refuse to work on a damaged file too
-        assert!(matches!(
-            put_entry(&path, &entry(9, Cipher::Aes128Xts, &pk).0),
-            Err(TdeError::Corrupt(_))
-        ));
+        assert!(matches!(put_entry(&path, &entry(9, Cipher::Aes128Xts, &pk).0), Err(TdeError::Corrupt(_))));
     }
 
     #[test]
@@ -862,10 +780,7 @@ mod tests {
         moved.cipher = Cipher::Aes256Cbc;
         assert!(matches!(moved.open(DB, &pk), Err(TdeError::Decrypt(_))));
         assert!(matches!(e.open(DB + 1, &pk), Err(TdeError::Decrypt(_))));
-        assert!(matches!(
-            e.open(DB, &random_bytes(16)),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(e.open(DB, &random_bytes(16)), Err(TdeError::Decrypt(_))));
     }
 
     #[test]
@@ -873,25 +788,13 @@ mod tests {
         let pk = random_bytes(32);
         let header = KeyMapHeader::new(DB, principal(), &pk).unwrap();
         header.verify_principal(&pk).unwrap();
-        assert!(matches!(
-            header.verify_principal(&random_bytes(32)),
-            Err(TdeError::Decrypt(_))
-        ));
-        assert!(matches!(
-            header.verify_principal(&pk[..16]),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(header.verify_principal(&random_bytes(32)), Err(TdeError::Decrypt(_))));
+        assert!(matches!(header.verify_principal(&pk[..16]), Err(TdeError::Decrypt(_))));
         let mut other_db = header.clone();
         other_db.db_oid = DB + 1;
-        assert!(matches!(
-            other_db.verify_principal(&pk),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(other_db.verify_principal(&pk), Err(TdeError::Decrypt(_))));
         // error messages carry no key bytes
-        let msg = header
-            .verify_principal(&random_bytes(32))
-            .unwrap_err()
-            .to_string();
+        let msg = header.verify_principal(&random_bytes(32)).unwrap_err().to_string();
         assert!(msg.contains("db-key-1"), "{msg}");
     }
 
@@ -916,11 +819,7 @@ mod tests {
                 KeyMapEntry::seal(DB, e.spc_oid, e.rel_number, &k, &new_pk).unwrap()
             })
             .collect();
-        let new_principal = PrincipalRef {
-            name: "db-key-2".into(),
-            provider_id: 4,
-            created_unix_secs: 1_763_900_000,
-        };
+        let new_principal = PrincipalRef { name: "db-key-2".into(), provider_id: 4, created_unix_secs: 1_763_900_000 };
         let header = KeyMapHeader::new(DB, new_principal.clone(), &new_pk).unwrap();
         rewrite(&path, &header, &rewrapped).unwrap();
 
@@ -928,10 +827,7 @@ mod tests {
         let (h, entries) = read(&path).unwrap();
         assert_eq!(h.principal, new_principal);
         h.verify_principal(&new_pk).unwrap();
-        assert!(matches!(
-            h.verify_principal(&old_pk),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(h.verify_principal(&old_pk), Err(TdeError::Decrypt(_))));
         // the free slot was compacted away
         assert_eq!(file_len(&path), HEADER_SIZE + 4 * ENTRY_SIZE);
         let rels: Vec<u32> = entries.iter().map(|e| e.rel_number).collect();
@@ -945,10 +841,7 @@ mod tests {
 
         // duplicates are refused and leave the file alone
         let dup = vec![rewrapped[0].clone(), rewrapped[0].clone()];
-        assert!(matches!(
-            rewrite(&path, &header, &dup),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(rewrite(&path, &header, &dup), Err(TdeError::Invalid(_))));
         assert_eq!(read(&path).unwrap().1.len(), 4);
     }
 
@@ -959,23 +852,14 @@ mod tests {
         let hb = header_to_bytes(&header);
         assert_eq!(&hb[..8], b"PGTDEKM\0");
         assert_eq!(header_from_bytes(&hb).unwrap(), header);
-        assert!(matches!(
-            header_from_bytes(&hb[..HEADER_SIZE - 1]),
-            Err(TdeError::Corrupt(_))
-        ));
+        assert!(matches!(header_from_bytes(&hb[..HEADER_SIZE - 1]), Err(TdeError::Corrupt(_))));
 
         let (e, _) = entry(5, Cipher::Aes256Xts, &pk);
         let eb = entry_to_bytes(&e);
         assert_eq!(e.wrapped.len(), MAX_WRAPPED_LEN);
         assert_eq!(entry_from_bytes(&eb).unwrap(), e);
-        assert!(matches!(
-            entry_from_bytes(&free_record()),
-            Err(TdeError::Corrupt(_))
-        ));
-        assert!(matches!(
-            entry_from_bytes(&[0u8; ENTRY_SIZE]),
-            Err(TdeError::Corrupt(_))
-        ));
+        assert!(matches!(entry_from_bytes(&free_record()), Err(TdeError::Corrupt(_))));
+        assert!(matches!(entry_from_bytes(&[0u8; ENTRY_SIZE]), Err(TdeError::Corrupt(_))));
         let mut bad = e.clone();
         bad.wrapped.pop();
         assert!(std::panic::catch_unwind(|| entry_to_bytes(&bad)).is_err());
@@ -987,20 +871,11 @@ mod tests {
         let (mut e, _) = entry(1, Cipher::Aes128Cbc, &pk);
         e.wrapped.push(0);
         assert!(matches!(put_entry(&path, &e), Err(TdeError::Invalid(_))));
-        assert!(matches!(
-            rewrite(&path, &header, &[e]),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(rewrite(&path, &header, &[e]), Err(TdeError::Invalid(_))));
         let mut bad_header = header.clone();
         bad_header.principal.name = String::new();
-        assert!(matches!(
-            create_or_replace(&path, &bad_header),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            rewrite(&path, &bad_header, &[]),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(create_or_replace(&path, &bad_header), Err(TdeError::Invalid(_))));
+        assert!(matches!(rewrite(&path, &bad_header, &[]), Err(TdeError::Invalid(_))));
         assert_eq!(read(&path).unwrap().0, header);
     }
 
@@ -1010,23 +885,12 @@ mod tests {
         let mut p = principal();
         p.name = "k".repeat(MAX_PRINCIPAL_NAME_LEN);
         let header = KeyMapHeader::new(DB, p.clone(), &pk).unwrap();
-        assert_eq!(
-            header_from_bytes(&header_to_bytes(&header))
-                .unwrap()
-                .principal,
-            p
-        );
+        assert_eq!(header_from_bytes(&header_to_bytes(&header)).unwrap().principal, p);
         for bad in [String::new(), "k".repeat(256), "a\0b".into()] {
             p.name = bad;
-            assert!(matches!(
-                KeyMapHeader::new(DB, p.clone(), &pk),
-                Err(TdeError::Invalid(_))
-            ));
+            assert!(matches!(KeyMapHeader::new(DB, p.clone(), &pk), Err(TdeError::Invalid(_))));
         }
         // principal keys must be AES-128 or AES-256 keys
-        assert!(matches!(
-            KeyMapHeader::new(DB, principal(), &random_bytes(20)),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(KeyMapHeader::new(DB, principal(), &random_bytes(20)), Err(TdeError::Invalid(_))));
     }
 }

@@ -30,10 +30,7 @@ pub struct PrincipalKey {
 
 impl fmt::Debug for PrincipalKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PrincipalKey")
-            .field("name", &self.name)
-            .field("len", &self.key.len())
-            .finish_non_exhaustive()
+        f.debug_struct("PrincipalKey").field("name", &self.name).field("len", &self.key.len()).finish_non_exhaustive()
     }
 }
 
@@ -77,13 +74,7 @@ pub enum ProviderKind {
 impl ProviderKind {
     /// The kind for a type name: `file`, `vault-v2` or `kmip`.
     pub fn from_type_name(name: &str) -> Option<ProviderKind> {
-        [
-            ProviderKind::File,
-            ProviderKind::VaultV2,
-            ProviderKind::Kmip,
-        ]
-        .into_iter()
-        .find(|k| k.type_name() == name)
+        [ProviderKind::File, ProviderKind::VaultV2, ProviderKind::Kmip].into_iter().find(|k| k.type_name() == name)
     }
 
     /// The type name of this kind.
@@ -107,44 +98,28 @@ impl fmt::Display for ProviderKind {
 /// `options` must be a flat JSON object whose only key is `path`, a string holding an
 /// absolute path. Unknown keys are rejected with [`TdeError::Invalid`] naming the key.
 pub fn parse_file_options(options: &serde_json::Value) -> Result<PathBuf> {
-    let obj = options.as_object().ok_or_else(|| {
-        TdeError::Invalid("file key provider options must be a JSON object".into())
-    })?;
+    let obj = options
+        .as_object()
+        .ok_or_else(|| TdeError::Invalid("file key provider options must be a JSON object".into()))?;
     if let Some(unknown) = obj.keys().find(|k| k.as_str() != "path") {
         return Err(TdeError::Invalid(format!(
             "unknown option \"{unknown}\" for a file key provider (only \"path\" is allowed)"
         )));
     }
     let path = match obj.get("path") {
-        None => {
-            return Err(TdeError::Invalid(
-                "file key provider needs the option \"path\"".into(),
-            ))
-        }
+        None => return Err(TdeError::Invalid("file key provider needs the option \"path\"".into())),
         Some(serde_json::Value::String(s)) => s,
-        Some(_) => {
-            return Err(TdeError::Invalid(
-                "option \"path\" of a file key provider must be a string".into(),
-            ))
-        }
+        Some(_) => return Err(TdeError::Invalid("option \"path\" of a file key provider must be a string".into())),
     };
     if path.contains('\0') {
-        return Err(TdeError::Invalid(
-            "option \"path\" must not contain NUL characters".into(),
-        ));
+        return Err(TdeError::Invalid("option \"path\" must not contain NUL characters".into()));
     }
     let path = PathBuf::from(path);
     if !path.is_absolute() {
-        return Err(TdeError::Invalid(format!(
-            "option \"path\" must be an absolute path, got \"{}\"",
-            path.display()
-        )));
+        return Err(TdeError::Invalid(format!("option \"path\" must be an absolute path, got \"{}\"", path.display())));
     }
     if path.file_name().is_none() {
-        return Err(TdeError::Invalid(format!(
-            "option \"path\" must name a file, got \"{}\"",
-            path.display()
-        )));
+        return Err(TdeError::Invalid(format!("option \"path\" must name a file, got \"{}\"", path.display())));
     }
     Ok(path)
 }
@@ -156,11 +131,9 @@ mod tests {
 
     #[test]
     fn kinds_and_names() {
-        for (kind, name) in [
-            (ProviderKind::File, "file"),
-            (ProviderKind::VaultV2, "vault-v2"),
-            (ProviderKind::Kmip, "kmip"),
-        ] {
+        for (kind, name) in
+            [(ProviderKind::File, "file"), (ProviderKind::VaultV2, "vault-v2"), (ProviderKind::Kmip, "kmip")]
+        {
             assert_eq!(ProviderKind::from_type_name(name), Some(kind));
             assert_eq!(kind.type_name(), name);
             assert_eq!(serde_json::to_value(kind).unwrap(), json!(name));
@@ -201,14 +174,8 @@ mod tests {
 
     #[test]
     fn principal_key_debug_hides_bytes() {
-        let k = PrincipalKey {
-            name: "n".into(),
-            key: Zeroizing::new(vec![0xab; 16]),
-        };
+        let k = PrincipalKey { name: "n".into(), key: Zeroizing::new(vec![0xab; 16]) };
         let s = format!("{k:?}");
-        assert!(
-            s.contains("\"n\"") && !s.contains("171") && !s.contains("ab"),
-            "{s}"
-        );
+        assert!(s.contains("\"n\"") && !s.contains("171") && !s.contains("ab"), "{s}");
     }
 }

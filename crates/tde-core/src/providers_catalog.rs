@@ -94,9 +94,7 @@ pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
             if options.is_object() {
                 Ok(())
             } else {
-                Err(TdeError::Invalid(format!(
-                    "{kind} key provider options must be a JSON object"
-                )))
+                Err(TdeError::Invalid(format!("{kind} key provider options must be a JSON object")))
             }
         }
     }
@@ -104,10 +102,7 @@ pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
 
 impl Default for ProviderCatalog {
     fn default() -> Self {
-        ProviderCatalog {
-            next_id: 1,
-            providers: Vec::new(),
-        }
+        ProviderCatalog { next_id: 1, providers: Vec::new() }
     }
 }
 
@@ -121,16 +116,11 @@ impl ProviderCatalog {
     pub fn load(path: &Path) -> Result<Self> {
         match std::fs::read(path) {
             Ok(bytes) => Self::from_bytes(&bytes).map_err(|e| match e {
-                TdeError::Corrupt(m) => {
-                    TdeError::Corrupt(format!("provider catalog \"{}\": {m}", path.display()))
-                }
+                TdeError::Corrupt(m) => TdeError::Corrupt(format!("provider catalog \"{}\": {m}", path.display())),
                 other => other,
             }),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(Self::new()),
-            Err(e) => Err(TdeError::io(
-                format!("could not read provider catalog \"{}\"", path.display()),
-                e,
-            )),
+            Err(e) => Err(TdeError::io(format!("could not read provider catalog \"{}\"", path.display()), e)),
         }
     }
 
@@ -152,16 +142,13 @@ impl ProviderCatalog {
     /// ([`TdeError::Corrupt`] otherwise).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let corrupt = |m: String| TdeError::Corrupt(m);
-        let file: CatalogFile = serde_json::from_slice(bytes)
-            .map_err(|e| corrupt(format!("not a valid provider catalog: {e}")))?;
+        let file: CatalogFile =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not a valid provider catalog: {e}")))?;
         if file.format != FORMAT {
             return Err(corrupt(format!("unexpected format \"{}\"", file.format)));
         }
         if file.version != VERSION {
-            return Err(corrupt(format!(
-                "unsupported version {} (this build reads version {VERSION})",
-                file.version
-            )));
+            return Err(corrupt(format!("unsupported version {} (this build reads version {VERSION})", file.version)));
         }
         if file.next_id < 1 {
             return Err(corrupt(format!("bad next id {}", file.next_id)));
@@ -176,19 +163,13 @@ impl ProviderCatalog {
                 )));
             }
             if !names.insert((p.db_oid, p.name.as_str())) {
-                return Err(corrupt(format!(
-                    "two providers named \"{}\" in the same scope",
-                    p.name
-                )));
+                return Err(corrupt(format!("two providers named \"{}\" in the same scope", p.name)));
             }
             validate_name(&p.name)
                 .and_then(|_| validate_options(p.kind, &p.options))
                 .map_err(|e| corrupt(format!("provider \"{}\": {e}", p.name)))?;
         }
-        Ok(ProviderCatalog {
-            next_id: file.next_id,
-            providers: file.providers,
-        })
+        Ok(ProviderCatalog { next_id: file.next_id, providers: file.providers })
     }
 
     /// Write the catalog to `path` atomically (mode 0600; tmp + fsync + rename + dir fsync).
@@ -199,53 +180,31 @@ impl ProviderCatalog {
     /// Add a provider to the scope `db_oid` ([`GLOBAL_DB_OID`] for a global one) and return
     /// its id. Fails with [`TdeError::Invalid`] for a bad name or options, or a name that
     /// already exists in that scope.
-    pub fn add(
-        &mut self,
-        name: &str,
-        kind: ProviderKind,
-        options: Value,
-        db_oid: u32,
-    ) -> Result<i32> {
+    pub fn add(&mut self, name: &str, kind: ProviderKind, options: Value, db_oid: u32) -> Result<i32> {
         validate_name(name)?;
         validate_options(kind, &options)?;
-        if self
-            .providers
-            .iter()
-            .any(|p| p.db_oid == db_oid && p.name == name)
-        {
-            return Err(TdeError::Invalid(format!(
-                "key provider \"{name}\" already exists"
-            )));
+        if self.providers.iter().any(|p| p.db_oid == db_oid && p.name == name) {
+            return Err(TdeError::Invalid(format!("key provider \"{name}\" already exists")));
         }
         let id = self.next_id;
-        self.next_id = id
-            .checked_add(1)
-            .ok_or_else(|| TdeError::Invalid("no key provider ids left".into()))?;
-        self.providers.push(ProviderRecord {
-            id,
-            name: name.to_string(),
-            kind,
-            options,
-            db_oid,
-        });
+        self.next_id = id.checked_add(1).ok_or_else(|| TdeError::Invalid("no key provider ids left".into()))?;
+        self.providers.push(ProviderRecord { id, name: name.to_string(), kind, options, db_oid });
         Ok(id)
     }
 
     /// Find a provider by name: in database `db_oid` first, then (if `include_global`)
     /// among the global providers. With `db_oid` = [`GLOBAL_DB_OID`], only global providers.
     pub fn find(&self, name: &str, db_oid: u32, include_global: bool) -> Option<&ProviderRecord> {
-        let in_scope = |scope: u32| {
-            self.providers
-                .iter()
-                .find(|p| p.db_oid == scope && p.name == name)
-        };
-        in_scope(db_oid).or_else(|| {
-            if include_global && db_oid != GLOBAL_DB_OID {
-                in_scope(GLOBAL_DB_OID)
-            } else {
-                None
-            }
-        })
+        let in_scope = |scope: u32| self.providers.iter().find(|p| p.db_oid == scope && p.name == name);
+        in_scope(db_oid).or_else(
+            || {
+                if include_global && db_oid != GLOBAL_DB_OID {
+                    in_scope(GLOBAL_DB_OID)
+                } else {
+                    None
+                }
+            },
+        )
     }
 
     /// The provider with id `id`.
@@ -284,13 +243,10 @@ impl ProviderCatalog {
 /// [`TdeError::Invalid`] ("not supported yet").
 pub fn open_provider(rec: &ProviderRecord) -> Result<Box<dyn KeyProvider>> {
     match rec.kind {
-        ProviderKind::File => Ok(Box::new(FileKeyring::new(parse_file_options(
-            &rec.options,
-        )?))),
-        ProviderKind::VaultV2 | ProviderKind::Kmip => Err(TdeError::Invalid(format!(
-            "key provider type \"{}\" is not supported yet",
-            rec.kind
-        ))),
+        ProviderKind::File => Ok(Box::new(FileKeyring::new(parse_file_options(&rec.options)?))),
+        ProviderKind::VaultV2 | ProviderKind::Kmip => {
+            Err(TdeError::Invalid(format!("key provider type \"{}\" is not supported yet", rec.kind)))
+        }
     }
 }
 
@@ -309,17 +265,8 @@ mod tests {
     #[test]
     fn add_find_and_ids() {
         let mut c = ProviderCatalog::new();
-        let g = c
-            .add(
-                "shared",
-                ProviderKind::File,
-                file_opts("/k/g.json"),
-                GLOBAL_DB_OID,
-            )
-            .unwrap();
-        let d = c
-            .add("mine", ProviderKind::File, file_opts("/k/d.json"), DB)
-            .unwrap();
+        let g = c.add("shared", ProviderKind::File, file_opts("/k/g.json"), GLOBAL_DB_OID).unwrap();
+        let d = c.add("mine", ProviderKind::File, file_opts("/k/d.json"), DB).unwrap();
         assert_eq!((g, d), (1, 2));
         assert_eq!(c.next_id, 3);
         assert_eq!(c.find("mine", DB, false).unwrap().id, d);
@@ -336,18 +283,14 @@ mod tests {
     #[test]
     fn duplicates_and_scope_precedence() {
         let mut c = ProviderCatalog::new();
-        c.add("p", ProviderKind::File, file_opts("/g"), GLOBAL_DB_OID)
-            .unwrap();
+        c.add("p", ProviderKind::File, file_opts("/g"), GLOBAL_DB_OID).unwrap();
         match c.add("p", ProviderKind::File, file_opts("/g2"), GLOBAL_DB_OID) {
             Err(TdeError::Invalid(m)) => assert!(m.contains("already exists"), "{m}"),
             other => panic!("expected Invalid, got {other:?}"),
         }
         // the same name in a database scope is allowed and shadows the global one
         let local = c.add("p", ProviderKind::File, file_opts("/d"), DB).unwrap();
-        assert!(matches!(
-            c.add("p", ProviderKind::File, file_opts("/d2"), DB),
-            Err(TdeError::Invalid(_))
-        ));
+        assert!(matches!(c.add("p", ProviderKind::File, file_opts("/d2"), DB), Err(TdeError::Invalid(_))));
         assert_eq!(c.find("p", DB, true).unwrap().id, local);
         assert_eq!(c.find("p", DB + 1, true).unwrap().db_oid, GLOBAL_DB_OID);
         // a failed add consumes no id
@@ -358,35 +301,14 @@ mod tests {
     fn options_validation() {
         let mut c = ProviderCatalog::new();
         let invalid = |r: Result<i32>| matches!(r, Err(TdeError::Invalid(_)));
-        assert!(invalid(c.add(
-            "a",
-            ProviderKind::File,
-            json!({"path": "rel"}),
-            0
-        )));
-        assert!(invalid(c.add(
-            "a",
-            ProviderKind::File,
-            json!({"path": "/k", "x": 1}),
-            0
-        )));
+        assert!(invalid(c.add("a", ProviderKind::File, json!({"path": "rel"}), 0)));
+        assert!(invalid(c.add("a", ProviderKind::File, json!({"path": "/k", "x": 1}), 0)));
         assert!(invalid(c.add("a", ProviderKind::File, json!("/k"), 0)));
         assert!(invalid(c.add("a", ProviderKind::VaultV2, json!([1]), 0)));
         assert!(invalid(c.add("", ProviderKind::File, file_opts("/k"), 0)));
-        assert!(invalid(c.add(
-            "a\0",
-            ProviderKind::File,
-            file_opts("/k"),
-            0
-        )));
+        assert!(invalid(c.add("a\0", ProviderKind::File, file_opts("/k"), 0)));
         assert!(c.providers.is_empty());
-        c.add(
-            "v",
-            ProviderKind::VaultV2,
-            json!({"url": "https://127.0.0.1:8200"}),
-            0,
-        )
-        .unwrap();
+        c.add("v", ProviderKind::VaultV2, json!({"url": "https://127.0.0.1:8200"}), 0).unwrap();
     }
 
     #[test]
@@ -398,18 +320,9 @@ mod tests {
         assert_eq!(empty.next_id, 1);
 
         let mut c = ProviderCatalog::new();
-        c.add("g", ProviderKind::File, file_opts("/k/g.json"), 0)
-            .unwrap();
-        let d = c
-            .add("d", ProviderKind::File, file_opts("/k/d.json"), DB)
-            .unwrap();
-        c.add(
-            "k",
-            ProviderKind::Kmip,
-            json!({"host": "127.0.0.1", "port": 5696}),
-            DB,
-        )
-        .unwrap();
+        c.add("g", ProviderKind::File, file_opts("/k/g.json"), 0).unwrap();
+        let d = c.add("d", ProviderKind::File, file_opts("/k/d.json"), DB).unwrap();
+        c.add("k", ProviderKind::Kmip, json!({"host": "127.0.0.1", "port": 5696}), DB).unwrap();
         c.remove(d).unwrap();
         c.save_atomic(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -420,10 +333,7 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(back.next_id, 4, "removed ids are not reused");
         assert_eq!(back.to_bytes().unwrap(), c.to_bytes().unwrap());
-        assert_eq!(
-            ProviderCatalog::from_bytes(&c.to_bytes().unwrap()).unwrap(),
-            c
-        );
+        assert_eq!(ProviderCatalog::from_bytes(&c.to_bytes().unwrap()).unwrap(), c);
     }
 
     #[test]
@@ -456,13 +366,7 @@ mod tests {
                                   "options": {}, "db_oid": 0}]}),
         ] {
             let bytes = serde_json::to_vec(&bad).unwrap();
-            assert!(
-                matches!(
-                    ProviderCatalog::from_bytes(&bytes),
-                    Err(TdeError::Corrupt(_))
-                ),
-                "{bad}"
-            );
+            assert!(matches!(ProviderCatalog::from_bytes(&bytes), Err(TdeError::Corrupt(_))), "{bad}");
         }
     }
 
@@ -472,14 +376,8 @@ mod tests {
         let id = c.add("p", ProviderKind::File, file_opts("/a"), 0).unwrap();
         c.change(id, ProviderKind::File, file_opts("/b")).unwrap();
         assert_eq!(c.by_id(id).unwrap().options, file_opts("/b"));
-        assert!(matches!(
-            c.change(id, ProviderKind::File, json!({"path": "b"})),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            c.change(42, ProviderKind::File, file_opts("/c")),
-            Err(TdeError::NotFound(_))
-        ));
+        assert!(matches!(c.change(id, ProviderKind::File, json!({"path": "b"})), Err(TdeError::Invalid(_))));
+        assert!(matches!(c.change(42, ProviderKind::File, file_opts("/c")), Err(TdeError::NotFound(_))));
         assert_eq!(c.remove(id).unwrap().name, "p");
         assert!(c.remove(id).is_none());
     }
@@ -489,14 +387,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keyring = dir.path().join("keyring.json");
         let mut c = ProviderCatalog::new();
-        let id = c
-            .add(
-                "f",
-                ProviderKind::File,
-                file_opts(keyring.to_str().unwrap()),
-                0,
-            )
-            .unwrap();
+        let id = c.add("f", ProviderKind::File, file_opts(keyring.to_str().unwrap()), 0).unwrap();
         let p = open_provider(c.by_id(id).unwrap()).unwrap();
         p.check().unwrap();
         let k = p.create_key("pk", 32).unwrap();

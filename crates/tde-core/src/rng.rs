@@ -10,10 +10,7 @@ pub(crate) fn fill(buf: &mut [u8]) -> Result<()> {
             Some(code) => std::io::Error::from_raw_os_error(code),
             None => std::io::Error::other(e.to_string()),
         };
-        TdeError::io(
-            "reading the operating system's random number generator",
-            source,
-        )
+        TdeError::io("reading the operating system's random number generator", source)
     })
 }
 

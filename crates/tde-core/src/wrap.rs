@@ -30,9 +30,7 @@ fn gcm(kek: &[u8]) -> Result<Gcm> {
     match kek.len() {
         16 => Ok(Gcm::A128(Aes128Gcm::new_from_slice(kek).map_err(bad)?)),
         32 => Ok(Gcm::A256(Aes256Gcm::new_from_slice(kek).map_err(bad)?)),
-        n => Err(TdeError::Invalid(format!(
-            "key encryption key must be 16 or 32 bytes, got {n}"
-        ))),
+        n => Err(TdeError::Invalid(format!("key encryption key must be 16 or 32 bytes, got {n}"))),
     }
 }
 
@@ -50,12 +48,7 @@ pub fn wrap(kek: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
 ///
 /// Only for known-answer tests: reusing a nonce with the same key breaks GCM. Use [`wrap`].
 #[doc(hidden)]
-pub fn seal_with_nonce(
-    kek: &[u8],
-    nonce: &[u8; NONCE_LEN],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>> {
+pub fn seal_with_nonce(kek: &[u8], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
     let gcm = gcm(kek)?;
     let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
     out.extend_from_slice(nonce);
@@ -96,9 +89,7 @@ pub fn unwrap(kek: &[u8], aad: &[u8], wrapped: &[u8]) -> Result<Zeroizing<Vec<u8
         Gcm::A128(c) => c.decrypt_inout_detached(&nonce, aad, body, &tag),
         Gcm::A256(c) => c.decrypt_inout_detached(&nonce, aad, body, &tag),
     }
-    .map_err(|_| {
-        TdeError::Decrypt("authentication tag mismatch: wrong key or tampered wrapped key".into())
-    })?;
+    .map_err(|_| TdeError::Decrypt("authentication tag mismatch: wrong key or tampered wrapped key".into()))?;
     Ok(buf)
 }
 
@@ -122,11 +113,9 @@ mod tests {
     #[test]
     fn gcm_aes128_test_case_3() {
         let out = seal_with_nonce(&hex(K), &iv(), &[], &hex(P)).unwrap();
-        let expect = hex(
-            "42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e\
+        let expect = hex("42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e\
              21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091473f5985\
-             4d5c2af327cd64a62cf35abd2ba6fab4",
-        );
+             4d5c2af327cd64a62cf35abd2ba6fab4");
         assert_eq!(out[..NONCE_LEN], iv());
         assert_eq!(out[NONCE_LEN..], expect[..]);
         assert_eq!(*unwrap(&hex(K), &[], &out).unwrap(), hex(P));
@@ -136,11 +125,9 @@ mod tests {
     fn gcm_aes128_test_case_4_with_aad() {
         let p = &hex(P)[..60];
         let out = seal_with_nonce(&hex(K), &iv(), &hex(A), p).unwrap();
-        let expect = hex(
-            "42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e\
+        let expect = hex("42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e\
              21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091\
-             5bc94fbc3221a5db94fae95ae7121a47",
-        );
+             5bc94fbc3221a5db94fae95ae7121a47");
         assert_eq!(out[NONCE_LEN..], expect[..]);
         assert_eq!(*unwrap(&hex(K), &hex(A), &out).unwrap(), p);
     }
@@ -150,11 +137,9 @@ mod tests {
         let key = hex(&format!("{K}{K}"));
         let p = &hex(P)[..60];
         let out = seal_with_nonce(&key, &iv(), &hex(A), p).unwrap();
-        let expect = hex(
-            "522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
+        let expect = hex("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa\
              8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662\
-             76fc6ece0f4e1768cddf8853bb2d551b",
-        );
+             76fc6ece0f4e1768cddf8853bb2d551b");
         assert_eq!(out[NONCE_LEN..], expect[..]);
     }
 
@@ -180,15 +165,9 @@ mod tests {
         let kek = random_bytes(32);
         let w = wrap(&kek, b"aad", b"secret key bytes").unwrap();
         let other = random_bytes(32);
-        assert!(matches!(
-            unwrap(&other, b"aad", &w),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(unwrap(&other, b"aad", &w), Err(TdeError::Decrypt(_))));
         // a 16-byte prefix of the right key is a different (AES-128) key
-        assert!(matches!(
-            unwrap(&kek[..16], b"aad", &w),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(unwrap(&kek[..16], b"aad", &w), Err(TdeError::Decrypt(_))));
     }
 
     #[test]
@@ -207,10 +186,7 @@ mod tests {
         ] {
             let mut bad = w.clone();
             bad[pos] ^= bit;
-            assert!(
-                matches!(unwrap(&kek, b"aad", &bad), Err(TdeError::Decrypt(_))),
-                "flip at byte {pos}"
-            );
+            assert!(matches!(unwrap(&kek, b"aad", &bad), Err(TdeError::Decrypt(_))), "flip at byte {pos}");
         }
         assert!(unwrap(&kek, b"aad", &w).is_ok());
     }
@@ -219,10 +195,7 @@ mod tests {
     fn wrong_aad_fails() {
         let kek = random_bytes(32);
         let w = wrap(&kek, b"relation 1", b"k").unwrap();
-        assert!(matches!(
-            unwrap(&kek, b"relation 2", &w),
-            Err(TdeError::Decrypt(_))
-        ));
+        assert!(matches!(unwrap(&kek, b"relation 2", &w), Err(TdeError::Decrypt(_))));
         assert!(matches!(unwrap(&kek, b"", &w), Err(TdeError::Decrypt(_))));
     }
 
@@ -237,17 +210,8 @@ mod tests {
 
     #[test]
     fn bad_lengths() {
-        assert!(matches!(
-            wrap(&[0u8; 24], b"", b"x"),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            unwrap(&[0u8; 15], b"", &[0u8; 40]),
-            Err(TdeError::Invalid(_))
-        ));
-        assert!(matches!(
-            unwrap(&[0u8; 16], b"", &[0u8; OVERHEAD - 1]),
-            Err(TdeError::Corrupt(_))
-        ));
+        assert!(matches!(wrap(&[0u8; 24], b"", b"x"), Err(TdeError::Invalid(_))));
+        assert!(matches!(unwrap(&[0u8; 15], b"", &[0u8; 40]), Err(TdeError::Invalid(_))));
+        assert!(matches!(unwrap(&[0u8; 16], b"", &[0u8; OVERHEAD - 1]), Err(TdeError::Corrupt(_))));
     }
 }

@@ -90,10 +90,7 @@ fn hex_decode(s: &str) -> Option<Zeroizing<Vec<u8>>> {
 }
 
 fn now_unix_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 impl FileKeyring {
@@ -111,23 +108,17 @@ impl FileKeyring {
         let data = match fs::read(&self.path) {
             Ok(d) => Zeroizing::new(d),
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(TdeError::io(
-                    format!("could not read keyring file \"{}\"", self.path.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(TdeError::io(format!("could not read keyring file \"{}\"", self.path.display()), e)),
         };
-        let file: KeyringFile = serde_json::from_slice(&data)
-            .map_err(|e| self.corrupt(format_args!("not a valid keyring: {e}")))?;
+        let file: KeyringFile =
+            serde_json::from_slice(&data).map_err(|e| self.corrupt(format_args!("not a valid keyring: {e}")))?;
         if file.format != FORMAT {
             return Err(self.corrupt(format_args!("unexpected format \"{}\"", file.format)));
         }
         if file.version != VERSION {
-            return Err(self.corrupt(format_args!(
-                "unsupported version {} (this build reads version {VERSION})",
-                file.version
-            )));
+            return Err(
+                self.corrupt(format_args!("unsupported version {} (this build reads version {VERSION})", file.version))
+            );
         }
         Ok(Some(file))
     }
@@ -135,12 +126,7 @@ impl FileKeyring {
     fn save(&self, file: &KeyringFile) -> Result<()> {
         // Pre-size the buffer so that serialization does not reallocate (and leave copies
         // of key material in freed memory).
-        let estimate = 128
-            + file
-                .keys
-                .iter()
-                .map(|k| 64 + 6 * k.name.len() + k.key_hex.len())
-                .sum::<usize>();
+        let estimate = 128 + file.keys.iter().map(|k| 64 + 6 * k.name.len() + k.key_hex.len()).sum::<usize>();
         let mut buf = Zeroizing::new(Vec::with_capacity(estimate));
         serde_json::to_writer_pretty(&mut *buf, file)
             .map_err(|e| TdeError::Invalid(format!("could not serialize keyring: {e}")))?;
@@ -170,11 +156,7 @@ impl FileKeyring {
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
         name.push(format!(".probe.{}", std::process::id()));
         let probe = dir.join(name);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&probe)?;
+        let f = OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&probe)?;
         drop(f);
         fs::remove_file(&probe)
     }
@@ -192,25 +174,17 @@ impl KeyProvider for FileKeyring {
         let key = hex_decode(&stored.key_hex)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| self.corrupt(format_args!("key \"{name}\" is not valid hex")))?;
-        Ok(Some(PrincipalKey {
-            name: name.to_string(),
-            key,
-        }))
+        Ok(Some(PrincipalKey { name: name.to_string(), key }))
     }
 
     fn create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
         validate_key_name(name)?;
         if len != 16 && len != 32 {
-            return Err(TdeError::Invalid(format!(
-                "principal keys are 16 or 32 bytes, not {len}"
-            )));
+            return Err(TdeError::Invalid(format!("principal keys are 16 or 32 bytes, not {len}")));
         }
         let _lock = self.lock()?;
-        let mut file = self.load()?.unwrap_or_else(|| KeyringFile {
-            format: FORMAT.into(),
-            version: VERSION,
-            keys: Vec::new(),
-        });
+        let mut file =
+            self.load()?.unwrap_or_else(|| KeyringFile { format: FORMAT.into(), version: VERSION, keys: Vec::new() });
         if file.keys.iter().any(|k| k.name == name) {
             return Err(TdeError::Invalid(format!(
                 "key \"{name}\" already exists in keyring \"{}\"",
@@ -219,25 +193,15 @@ impl KeyProvider for FileKeyring {
         }
         let mut key = Zeroizing::new(vec![0u8; len]);
         crate::rng::fill(&mut key)?;
-        file.keys.push(StoredKey {
-            name: name.to_string(),
-            key_hex: hex_encode(&key),
-            created: now_unix_secs(),
-        });
+        file.keys.push(StoredKey { name: name.to_string(), key_hex: hex_encode(&key), created: now_unix_secs() });
         self.save(&file)?;
-        Ok(PrincipalKey {
-            name: name.to_string(),
-            key,
-        })
+        Ok(PrincipalKey { name: name.to_string(), key })
     }
 
     fn check(&self) -> Result<()> {
         match fs::metadata(&self.path) {
             Ok(meta) if meta.is_file() => self.load().map(|_| ()),
-            Ok(_) => Err(TdeError::Provider(format!(
-                "keyring \"{}\" is not a regular file",
-                self.path.display()
-            ))),
+            Ok(_) => Err(TdeError::Provider(format!("keyring \"{}\" is not a regular file", self.path.display()))),
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 let dir = fsutil::parent_dir(&self.path);
                 self.probe_directory(dir).map_err(|e| {
@@ -248,10 +212,7 @@ impl KeyProvider for FileKeyring {
                     ))
                 })
             }
-            Err(e) => Err(TdeError::io(
-                format!("could not access keyring \"{}\"", self.path.display()),
-                e,
-            )),
+            Err(e) => Err(TdeError::io(format!("could not access keyring \"{}\"", self.path.display()), e)),
         }
     }
 }
@@ -338,11 +299,7 @@ mod tests {
 
         fs::write(&kr.path, br#"{"format":"other","version":1,"keys":[]}"#).unwrap();
         assert!(matches!(kr.get_key("k"), Err(TdeError::Corrupt(_))));
-        fs::write(
-            &kr.path,
-            br#"{"format":"pg_tde-keyring","version":2,"keys":[]}"#,
-        )
-        .unwrap();
+        fs::write(&kr.path, br#"{"format":"pg_tde-keyring","version":2,"keys":[]}"#).unwrap();
         assert!(matches!(kr.get_key("k"), Err(TdeError::Corrupt(_))));
         fs::write(
             &kr.path,
