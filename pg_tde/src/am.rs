@@ -46,13 +46,14 @@ pub fn init() {
         ours.relation_set_new_filelocator = Some(tde_set_new_filelocator);
         ours.relation_copy_data = Some(tde_copy_data);
         ours.relation_toast_am = Some(tde_toast_am);
-        (*(&raw mut TDE_HEAP_ROUTINE)).write(ours);
+        (&raw mut TDE_HEAP_ROUTINE).cast::<pg_sys::TableAmRoutine>().write(ours);
     }
 }
 
 fn routine_ptr() -> *const pg_sys::TableAmRoutine {
-    // SAFETY: only the address is taken; the value was written in init().
-    unsafe { (*(&raw const TDE_HEAP_ROUTINE)).as_ptr() }
+    // Only the address is taken (MaybeUninit<T> has T's layout); the value
+    // is written in init().
+    (&raw const TDE_HEAP_ROUTINE).cast::<pg_sys::TableAmRoutine>()
 }
 
 /// Whether a relation uses `tde_heap` (its relcache entry points at our routine).

@@ -168,15 +168,6 @@ fn cache_principal(provider_id: i32, name: &str, key: &[u8]) {
     slot.key[..key.len()].copy_from_slice(key);
 }
 
-/// Forget every cached principal key of a provider (its settings changed).
-pub fn forget_provider_keys(provider_id: i32) {
-    let mut cache = PRINCIPAL_CACHE.exclusive();
-    for s in cache.slots.iter_mut().filter(|s| s.in_use && s.provider_id == provider_id) {
-        s.key.fill(0);
-        s.in_use = false;
-    }
-}
-
 /// Fetch a principal key from its provider, bypassing the cache.
 pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u8>>> {
     let catalog = ProviderCatalog::load(&providers_path())?;

@@ -104,6 +104,7 @@ def test_kill9_under_insert_load(tde, tmp_path):
     assert "database system was interrupted" in tde.logfile.read_text() or "not properly shut down" in tde.logfile.read_text()
 
     ids = [int(x) for x in tde.sql("SELECT id FROM load_t ORDER BY id").split()]
+    print("committed", len(committed), "present", len(ids))
     missing = sorted(set(committed) - set(ids))
     assert not missing, f"{len(missing)} committed rows lost, first {missing[:10]}"
     # one loop, one row per transaction: the rows present are exactly 1..k, and at

@@ -62,11 +62,11 @@ def provider_state(c: Cluster) -> str:
     )
 
 
-def assert_no_plaintext_after_failed_write(c: Cluster, table: str, marker: str) -> None:
+def assert_no_plaintext_after_failed_write(c: Cluster, table: str, marker: str, sqlstate: str) -> None:
     """Try to write a new marker into a table whose key is unavailable: the
     write must fail, and the marker must not reach the disk."""
     e = c.sql_error(f"INSERT INTO {table} VALUES (100000, '{marker}')")
-    assert e.sqlstate != "XX000", e.output
+    assert e.sqlstate == sqlstate, e.output
     c.checkpoint()
     assert not c.files_contain(table, marker.encode())
 
@@ -97,57 +97,96 @@ def test_create_table_without_principal_key(cluster, keyring):
 # keyring unavailable after a restart
 
 
-def _keyring_unavailable(tde, keyring, break_it, repair_it):
+def _keyring_unavailable(tde, keyring, break_it, repair_it, sqlstate):
+    """Break the keyring while the server is down; the server must start, every
+    access to the encrypted table must fail with `sqlstate` (None: any proper
+    SQLSTATE but internal_error) and an error that names the provider, the key
+    or the keyring file, and nothing may be written in plaintext."""
     m = "MARKER_KEYRING_GONE_41"
     expected = fill_marked(tde, "kt", m)
     tde.sql(f"CREATE TABLE kt_plain (v text) USING heap; INSERT INTO kt_plain VALUES ('{m}')")
     tde.checkpoint()
     tde.stop()
-    break_it(keyring / "keyring.json")
+    path = keyring / "keyring.json"
+    break_it(path)
+
+    def check(e, what):
+        if sqlstate is None:
+            assert e.sqlstate and e.sqlstate not in ("XX000", "00000"), f"{what}: {e.output}"
+        else:
+            assert e.sqlstate == sqlstate, f"{what}: expected {sqlstate}, got {e.sqlstate}: {e.message}"
+        assert any(s in e.message for s in ("file-vault", "principal-key", str(path))), e.output
+        assert m not in e.output
+
     try:
         assert tde.start(expect_fail=True), f"the server must start without its keyring:\n{tde.log_tail()}"
         assert tde.sql("SELECT v FROM kt_plain") == m  # the rest of the database works
         for q in ("SELECT * FROM kt", "SELECT count(*) FROM kt", f"SELECT id FROM kt WHERE v = '{m}7'"):
-            e = tde.sql_error(q)
-            assert e.sqlstate == "38000", f"{q}: expected 38000 external_routine_exception, got {e.sqlstate}: {e.message}"
-            assert "file-vault" in e.message or "principal-key" in e.message, e.output
-            assert m not in e.output
-        assert_no_plaintext_after_failed_write(tde, "kt", "MARKER_WRITTEN_WITHOUT_KEY")
-        e = tde.sql_error("CREATE TABLE kt2 (v text) USING tde_heap")
-        assert e.sqlstate == "38000", e.output
+            check(tde.sql_error(q), q)
+        check(tde.sql_error("INSERT INTO kt VALUES (100000, 'MARKER_WRITTEN_WITHOUT_KEY')"), "INSERT")
+        check(tde.sql_error("CREATE TABLE kt2 (v text) USING tde_heap"), "CREATE TABLE")
         assert tde.sql("SELECT to_regclass('kt2') IS NULL") == "t"
+        tde.checkpoint()
+        assert not tde.files_contain("kt", b"MARKER_WRITTEN_WITHOUT_KEY")
     finally:
         tde.stop()
-        repair_it(keyring / "keyring.json")
+        repair_it(path)
     tde.start()
     assert tde.sql("SELECT md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM kt") == expected
     assert tde.sql("SELECT count(*) FROM kt WHERE v = 'MARKER_WRITTEN_WITHOUT_KEY'") == "0"
+    tde.sql("SELECT pg_tde_verify_key()")
+
+
+def _hide(p):
+    p.rename(p.with_name(p.name + ".away"))
+
+
+def _unhide(p):
+    p.with_name(p.name + ".away").rename(p)
+
+
+def _lock(p):
+    os.chown(p, 0, 0)
+    os.chmod(p, 0o000)
+
+
+def _unlock(p):
+    pw = pwd.getpwnam("postgres")
+    os.chown(p, pw.pw_uid, pw.pw_gid)
+    os.chmod(p, 0o600)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make the keyring unreadable for the server")
 
 
 def test_keyring_file_missing(tde, keyring):
-    def hide(p):
-        p.rename(p.with_name("keyring.json.away"))
-
-    def restore(p):
-        p.with_name("keyring.json.away").rename(p)
-
-    _keyring_unavailable(tde, keyring, hide, restore)
+    _keyring_unavailable(tde, keyring, _hide, _unhide, "38000")
 
 
+@needs_root
 def test_keyring_file_unreadable(tde, keyring):
-    pw = pwd.getpwnam("postgres")
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make the keyring unreadable for the server")
+    _keyring_unavailable(tde, keyring, _lock, _unlock, None)
 
-    def lock(p):
-        os.chown(p, 0, 0)
-        os.chmod(p, 0o000)
 
-    def unlock(p):
-        os.chown(p, pw.pw_uid, pw.pw_gid)
-        os.chmod(p, 0o600)
-
-    _keyring_unavailable(tde, keyring, lock, unlock)
+@needs_root
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: an unreadable keyring file is reported as 58030 io_error "
+    "(TdeError::Io from FileKeyring::load), not 38000 external_routine_exception as SPEC §6 "
+    "asks for provider failures",
+)
+def test_keyring_file_unreadable_sqlstate(tde, keyring):
+    fill_marked(tde, "kt", "MARKER_KEYRING_LOCKED")
+    tde.checkpoint()
+    tde.stop()
+    _lock(keyring / "keyring.json")
+    try:
+        tde.start()
+        e = tde.sql_error("SELECT count(*) FROM kt")
+    finally:
+        tde.stop()
+        _unlock(keyring / "keyring.json")
+    assert e.sqlstate == "38000", f"expected 38000 external_routine_exception, got {e.sqlstate}: {e.message}"
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +218,17 @@ def _corrupt_entry(tde, table: str, fix_crc: bool) -> None:
     tde.start()  # caches are cold
 
 
-@pytest.mark.parametrize("fix_crc", [False, True], ids=["crc_mismatch", "gcm_tag_mismatch"])
+CRC_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="product bug: one key map record with a bad CRC makes keymap::read() fail for the "
+    "whole <dboid>_keys file, and every relation file of the database (catalogs included) is "
+    "looked up there on first read, so every connection to the database fails with "
+    "FATAL XX001 instead of an ERROR on the damaged table only",
+)
+VARIANTS = [pytest.param(False, id="crc_mismatch", marks=CRC_BUG), pytest.param(True, id="gcm_tag_mismatch")]
+
+
+@pytest.mark.parametrize("fix_crc", VARIANTS)
 def test_corrupt_key_map_entry(tde, fix_crc):
     m = "MARKER_KEYMAP_CORRUPT_93"
     fill_marked(tde, "ct", m)
@@ -189,10 +238,10 @@ def test_corrupt_key_map_entry(tde, fix_crc):
         e = tde.sql_error(q)
         assert e.sqlstate == "XX001", f"{q}: expected XX001 data_corrupted, got {e.sqlstate!r}: {e.output}"
         assert m not in e.output
-    assert_no_plaintext_after_failed_write(tde, "ct", "MARKER_WRITTEN_WITH_BAD_KEY")
+    assert_no_plaintext_after_failed_write(tde, "ct", "MARKER_WRITTEN_WITH_BAD_KEY", "XX001")
 
 
-@pytest.mark.parametrize("fix_crc", [False, True], ids=["crc_mismatch", "gcm_tag_mismatch"])
+@pytest.mark.parametrize("fix_crc", VARIANTS)
 def test_corrupt_key_map_entry_is_contained(tde, fix_crc):
     """A damaged record takes down its relation only: the database stays
     usable (a DBA must be able to connect, read other tables and drop the
