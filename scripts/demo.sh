@@ -17,7 +17,7 @@ KEYRING=$DEMO_DIR/keyring/keyring.json
 bash "$REPO_ROOT/scripts/setup.sh"
 
 log "building and installing pg_tde"
-(cd "$REPO_ROOT/pg_tde" && cargo pgrx install --locked --release --pg-config "$PG_CONFIG" >/dev/null)
+(cd "$REPO_ROOT/pg_tde" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
 
 if [ -f "$DATA/postmaster.pid" ]; then
     log "stopping the running demo cluster"

@@ -20,14 +20,14 @@ log "unit tests of the pgrx-free core"
 cargo test -p tde-core --locked
 
 log "installing the extension into $PG_PREFIX"
-(cd pg_tde && cargo pgrx install --locked --pg-config "$PG_CONFIG" >/dev/null)
+(cd pg_tde && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
 
 log "in-backend tests (cargo pgrx test)"
 PGRX_TEST_DATA=$PG_TDE_CACHE/pgrx-test-data
 mkdir -p "$PGRX_TEST_DATA"
 chown "$PG_TDE_OS_USER" "$PGRX_TEST_DATA"
 chmod a+rwx "$PG_TDE_CACHE" "$PGRX_HOME"
-(cd pg_tde && cargo pgrx test pg17 --locked --runas "$PG_TDE_OS_USER" --pgdata "$PGRX_TEST_DATA/pg17")
+(cd pg_tde && cargo pgrx test pg17 --runas "$PG_TDE_OS_USER" --pgdata "$PGRX_TEST_DATA/pg17")
 
 log "cluster integration tests (pytest)"
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q pytest

@@ -174,8 +174,14 @@ pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u
     let rec = catalog
         .by_id(r.provider_id)
         .ok_or_else(|| TdeError::NotFound(format!("key provider with id {} does not exist", r.provider_id)))?;
-    let provider = open_provider(rec)?;
-    match provider.get_key(&r.name)? {
+    // Every failure on the provider's side is reported as a provider failure
+    // (external_routine_exception) naming the provider.
+    let in_provider = |e: TdeError| match e {
+        TdeError::Provider(m) => TdeError::Provider(m),
+        other => TdeError::Provider(format!("key provider \"{}\": {other}", rec.name)),
+    };
+    let provider = open_provider(rec).map_err(in_provider)?;
+    match provider.get_key(&r.name).map_err(in_provider)? {
         Some(k) => Ok(k.key),
         None => {
             Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name)))
@@ -249,15 +255,43 @@ thread_local! {
     static LOCAL: RefCell<LocalKeys> = RefCell::new(LocalKeys::default());
 }
 
+/// Relation files numbered below this are those of the initial catalogs.
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
 /// Look up the entry of a file in its database's key map.
+///
+/// A damaged record fails only lookups that might concern it: the relation
+/// file it names and, when the record is damaged so badly that its name cannot
+/// be trusted, any other user relation file without an entry, because we
+/// cannot tell whether that file is encrypted and must never write it in
+/// plaintext by mistake.  The initial catalogs stay readable, so the database
+/// can still be connected to.
 fn find_entry(id: FileId) -> Result<Option<(KeyMapHeader, KeyMapEntry)>> {
-    match keymap::read(&map_path(id.db)) {
-        Ok((h, entries)) => {
-            Ok(entries.into_iter().find(|e| e.spc_oid == id.spc && e.rel_number == id.rel).map(|e| (h, e)))
-        }
-        Err(TdeError::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
+    let view = match keymap::read_for_lookup(&map_path(id.db)) {
+        Ok(v) => v,
+        Err(TdeError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let keymap::KeyMapView { header, entries, damaged } = view;
+    if let Some(e) = entries.into_iter().find(|e| e.spc_oid == id.spc && e.rel_number == id.rel) {
+        return Ok(Some((header, e)));
     }
+    if let Some(d) = damaged.iter().find(|d| d.spc_oid == id.spc && d.rel_number == id.rel) {
+        return Err(TdeError::Corrupt(format!(
+            "the key of relation file {}/{}/{} is damaged (key map slot {}: {})",
+            id.spc, id.db, id.rel, d.slot, d.reason
+        )));
+    }
+    // A damaged record whose state and cipher fields are intact most likely
+    // names its relation correctly (checked above).  Only when one is damaged
+    // beyond that can it be this file's record.
+    if damaged.iter().any(|d| !d.plausible_identity) && id.rel >= FIRST_NORMAL_OBJECT_ID {
+        return Err(TdeError::Corrupt(format!(
+            "key map of database {} has {} damaged record(s) (first: slot {}: {}); cannot tell whether relation file {}/{}/{} is encrypted",
+            id.db, damaged.len(), damaged[0].slot, damaged[0].reason, id.spc, id.db, id.rel
+        )));
+    }
+    Ok(None)
 }
 
 /// The page cipher of a relation file, or `None` if it is not encrypted.

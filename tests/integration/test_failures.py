@@ -169,12 +169,6 @@ def test_keyring_file_unreadable(tde, keyring):
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: an unreadable keyring file is reported as 58030 io_error "
-    "(TdeError::Io from FileKeyring::load), not 38000 external_routine_exception as SPEC §6 "
-    "asks for provider failures",
-)
 def test_keyring_file_unreadable_sqlstate(tde, keyring):
     fill_marked(tde, "kt", "MARKER_KEYRING_LOCKED")
     tde.checkpoint()
@@ -218,14 +212,7 @@ def _corrupt_entry(tde, table: str, fix_crc: bool) -> None:
     tde.start()  # caches are cold
 
 
-CRC_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="product bug: one key map record with a bad CRC makes keymap::read() fail for the "
-    "whole <dboid>_keys file, and every relation file of the database (catalogs included) is "
-    "looked up there on first read, so every connection to the database fails with "
-    "FATAL XX001 instead of an ERROR on the damaged table only",
-)
-VARIANTS = [pytest.param(False, id="crc_mismatch", marks=CRC_BUG), pytest.param(True, id="gcm_tag_mismatch")]
+VARIANTS = [pytest.param(False, id="crc_mismatch"), pytest.param(True, id="gcm_tag_mismatch")]
 
 
 @pytest.mark.parametrize("fix_crc", VARIANTS)

@@ -518,14 +518,103 @@ pub fn read(path: &Path) -> Result<(KeyMapHeader, Vec<KeyMapEntry>)> {
     Ok((header, slots.into_iter().flatten().collect()))
 }
 
+/// A record that failed its checks, with the relation file it claims to be for
+/// (read from the damaged bytes, so possibly wrong).
+#[derive(Debug, Clone)]
+pub struct DamagedSlot {
+    pub slot: usize,
+    pub spc_oid: u32,
+    pub rel_number: u32,
+    /// The record's state and cipher fields are valid, so its relation fields
+    /// are probably intact too (the damage is elsewhere in the record).
+    pub plausible_identity: bool,
+    pub reason: String,
+}
+
+/// One slot of a key map as read leniently.
+#[derive(Debug)]
+enum Slot {
+    Free,
+    Entry(KeyMapEntry),
+    Damaged(DamagedSlot),
+}
+
+/// A key map read for lookups: damaged records are set aside instead of
+/// failing the whole file, so that one bad record does not make every other
+/// relation of the database unreadable.  Callers decide what a lookup that
+/// misses means while records are damaged.
+#[derive(Debug)]
+pub struct KeyMapView {
+    pub header: KeyMapHeader,
+    pub entries: Vec<KeyMapEntry>,
+    pub damaged: Vec<DamagedSlot>,
+}
+
+/// Parse a file, keeping damaged records as [`Slot::Damaged`].  A bad header is
+/// still an error; a truncated last record counts as a damaged slot.
+fn parse_slots_lenient(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Slot>)> {
+    if data.len() < HEADER_SIZE {
+        return Err(corrupt(
+            path,
+            format_args!("file is {} bytes, shorter than its {HEADER_SIZE}-byte header", data.len()),
+        ));
+    }
+    let (head, body) = data.split_at(HEADER_SIZE);
+    let header = parse_header(head).map_err(|m| corrupt(path, format_args!("header: {m}")))?;
+    let (records, tail) = body.as_chunks::<ENTRY_SIZE>();
+    let mut slots = Vec::with_capacity(records.len() + 1);
+    for (i, rec) in records.iter().enumerate() {
+        slots.push(match parse_record(rec) {
+            Ok(Some(e)) => Slot::Entry(e),
+            Ok(None) => Slot::Free,
+            Err(reason) => Slot::Damaged(DamagedSlot {
+                slot: i,
+                spc_oid: get_u32(rec, e::SPC_OID),
+                rel_number: get_u32(rec, e::REL_NUMBER),
+                plausible_identity: get_u32(rec, e::STATE) == STATE_IN_USE
+                    && Cipher::from_u32(get_u32(rec, e::CIPHER)).is_some(),
+                reason,
+            }),
+        });
+    }
+    if !tail.is_empty() {
+        slots.push(Slot::Damaged(DamagedSlot {
+            slot: records.len(),
+            spc_oid: 0,
+            rel_number: 0,
+            plausible_identity: false,
+            reason: format!("{} trailing bytes (truncated record)", tail.len()),
+        }));
+    }
+    Ok((header, slots))
+}
+
+/// Read a key map for lookups (see [`KeyMapView`]).  A bad header or a missing
+/// file are still errors.
+pub fn read_for_lookup(path: &Path) -> Result<KeyMapView> {
+    let data = std::fs::read(path).map_err(|e| not_found_or_io(path, "read", e))?;
+    let (header, slots) = parse_slots_lenient(path, &data)?;
+    let mut entries = Vec::with_capacity(slots.len());
+    let mut damaged = Vec::new();
+    for slot in slots {
+        match slot {
+            Slot::Entry(e) => entries.push(e),
+            Slot::Damaged(d) => damaged.push(d),
+            Slot::Free => {}
+        }
+    }
+    Ok(KeyMapView { header, entries, damaged })
+}
+
 /// Open an existing key map for update and take an exclusive lock on it; return the
-/// file and its parsed slots.
-fn open_locked(path: &Path) -> Result<(File, Vec<Option<KeyMapEntry>>)> {
+/// file and its slots.  Damaged slots are kept (and never overwritten by new entries),
+/// so that the rest of the map stays usable.
+fn open_locked(path: &Path) -> Result<(File, Vec<Slot>)> {
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| not_found_or_io(path, "open", e))?;
     file.lock().map_err(|e| not_found_or_io(path, "lock", e))?;
     let mut data = Vec::new();
     (&file).read_to_end(&mut data).map_err(|e| not_found_or_io(path, "read", e))?;
-    let (_, slots) = parse_file(path, &data)?;
+    let (_, slots) = parse_slots_lenient(path, &data)?;
     Ok((file, slots))
 }
 
@@ -545,8 +634,8 @@ pub fn put_entry(path: &Path, entry: &KeyMapEntry) -> Result<()> {
     let (file, slots) = open_locked(path)?;
     let slot = slots
         .iter()
-        .position(|s| s.as_ref().is_some_and(|e| e.same_relation(entry.spc_oid, entry.rel_number)))
-        .or_else(|| slots.iter().position(Option::is_none))
+        .position(|s| matches!(s, Slot::Entry(e) if e.same_relation(entry.spc_oid, entry.rel_number)))
+        .or_else(|| slots.iter().position(|s| matches!(s, Slot::Free)))
         .unwrap_or(slots.len());
     write_slot(&file, path, slot, &record)
 }
@@ -554,7 +643,13 @@ pub fn put_entry(path: &Path, entry: &KeyMapEntry) -> Result<()> {
 /// Mark the entry of relation file `spc_oid`/`rel_number` free. Returns whether there was one.
 pub fn remove_entry(path: &Path, spc_oid: u32, rel_number: u32) -> Result<bool> {
     let (file, slots) = open_locked(path)?;
-    let found = slots.iter().position(|s| s.as_ref().is_some_and(|e| e.same_relation(spc_oid, rel_number)));
+    // A damaged record that names this relation file is freed too: the file is
+    // going away, and with it the only use of that record.
+    let found = slots.iter().position(|s| match s {
+        Slot::Entry(e) => e.same_relation(spc_oid, rel_number),
+        Slot::Damaged(d) => d.spc_oid == spc_oid && d.rel_number == rel_number,
+        Slot::Free => false,
+    });
     match found {
         Some(slot) => write_slot(&file, path, slot, &free_record()).map(|_| true),
         None => Ok(false),
@@ -700,6 +795,25 @@ mod tests {
     }
 
     #[test]
+    fn lookup_read_sets_damaged_records_aside() {
+        let (_dir, path, pk, _) = setup();
+        for rel in 1..=3 {
+            put_entry(&path, &entry(rel, Cipher::Aes128Xts, &pk).0).unwrap();
+        }
+        let mut raw = fs::read(&path).unwrap();
+        raw[HEADER_SIZE + ENTRY_SIZE + e::WRAPPED + 5] ^= 0x10;
+        fs::write(&path, &raw).unwrap();
+        let view = read_for_lookup(&path).unwrap();
+        let good: Vec<u32> = view.entries.iter().map(|e| e.rel_number).collect();
+        assert_eq!(good, vec![1, 3]);
+        assert_eq!(view.damaged.len(), 1);
+        assert_eq!((view.damaged[0].slot, view.damaged[0].rel_number), (1, 2));
+        assert!(view.damaged[0].reason.contains("CRC"), "{}", view.damaged[0].reason);
+        // the strict reader still refuses the file
+        assert!(matches!(read(&path), Err(TdeError::Corrupt(_))));
+    }
+
+    #[test]
     fn record_crc_corruption_is_detected() {
         let (_dir, path, pk, _) = setup();
         for rel in 1..=3 {
@@ -716,8 +830,17 @@ mod tests {
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
-        // updates refuse to work on a damaged file too
-        assert!(matches!(put_entry(&path, &entry(9, Cipher::Aes128Xts, &pk).0), Err(TdeError::Corrupt(_))));
+        // updates keep working around the damaged record and never overwrite it
+        put_entry(&path, &entry(9, Cipher::Aes128Xts, &pk).0).unwrap();
+        let view = read_for_lookup(&path).unwrap();
+        assert_eq!(view.entries.iter().map(|e| e.rel_number).collect::<Vec<_>>(), vec![1, 3, 9]);
+        assert_eq!(view.damaged.len(), 1);
+        assert!(view.damaged[0].plausible_identity);
+        // removing the relation file the damaged record names frees that slot
+        assert!(remove_entry(&path, view.damaged[0].spc_oid, 2).unwrap());
+        let view = read_for_lookup(&path).unwrap();
+        assert!(view.damaged.is_empty());
+        assert_eq!(read(&path).unwrap().1.len(), 3);
     }
 
     #[test]
