@@ -1,15 +1,16 @@
 //! SQL functions (SPEC §6), names and shapes compatible with Percona pg_tde.
 //!
 //! Management functions are revoked from PUBLIC (see the SQL at the end).
-//! Provider and global-scope functions additionally require a superuser.
+//! Provider and global-scope functions additionally require a key administrator
+//! (a superuser or a member of `tde_key_admin`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pgrx::prelude::*;
 use pgrx::{Json, PgSqlErrorCode};
 use tde_core::keymap::PrincipalRef;
-use tde_core::provider::{parse_file_options, ProviderKind};
-use tde_core::providers_catalog::{open_provider, ProviderCatalog, ProviderRecord};
+use tde_core::provider::{KeyProvider, PrincipalKey, ProviderKind};
+use tde_core::providers_catalog::{open_provider, validate_options, ProviderCatalog, ProviderRecord};
 
 use crate::errors::{raise, raise_with, OrRaise};
 use crate::gucs;
@@ -22,13 +23,27 @@ fn my_database() -> u32 {
     unsafe { (&raw const pg_sys::MyDatabaseId).read() }.to_u32()
 }
 
-fn require_superuser(what: &str) {
-    // SAFETY: plain catalog-free check of the current user.
-    if !unsafe { pg_sys::superuser() } {
+/// The role whose members may manage key providers, global keys, the default
+/// key and the server key (granted by pg_tde_grant_global_key_management_to_role).
+const KEY_ADMIN_ROLE: &std::ffi::CStr = c"tde_key_admin";
+
+/// Providers, global keys, the default key and the server key may be managed
+/// only by superusers and members of `tde_key_admin`: a bare GRANT EXECUTE
+/// is not enough.
+fn require_key_admin(what: &str) {
+    // SAFETY: catalog lookups on the current user and a role name; no
+    // pointers are kept.
+    let allowed = unsafe {
+        pg_sys::superuser() || {
+            let role = pg_sys::get_role_oid(KEY_ADMIN_ROLE.as_ptr(), true);
+            role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
+        }
+    };
+    if !allowed {
         raise_with(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            &format!("must be superuser to {what}"),
-            Some("Key providers and global keys can only be managed by a superuser."),
+            &format!("permission denied to {what}"),
+            Some("Only superusers and roles given pg_tde_grant_global_key_management_to_role() may do this."),
         );
     }
 }
@@ -68,10 +83,9 @@ fn scope_word(global: bool) -> &'static str {
 // ---------------------------------------------------------------------------
 // Providers
 
-fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option<Json>, global: bool) {
-    require_superuser("add a key provider");
+/// Validate a provider type and its options (a flat JSON object).
+fn provider_kind_and_options(provider_type: Option<&str>, options: Option<Json>) -> (ProviderKind, serde_json::Value) {
     let provider_type = required_name(provider_type, "provider type");
-    let name = required_name(name, "provider name");
     let Some(Json(options)) = options else {
         raise_with(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "provider options cannot be NULL", None)
     };
@@ -85,9 +99,22 @@ fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option
     if !options.is_object() {
         raise_with(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "provider options must be a JSON object", None);
     }
-    if kind == ProviderKind::File {
-        parse_file_options(&options).or_raise();
-    }
+    validate_options(kind, &options).or_raise();
+    (kind, options)
+}
+
+/// Open a provider with the given settings and check that it is usable.
+fn reach_provider(name: &str, kind: ProviderKind, options: &serde_json::Value, db: u32) -> Box<dyn KeyProvider> {
+    let probe = ProviderRecord { id: 0, name: name.to_string(), kind, options: options.clone(), db_oid: db };
+    let provider = open_provider(&probe).or_raise();
+    provider.check().or_raise();
+    provider
+}
+
+fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option<Json>, global: bool) {
+    require_key_admin("add a key provider");
+    let name = required_name(name, "provider name");
+    let (kind, options) = provider_kind_and_options(provider_type, options);
     let db = scope_db(global);
     keys::with_key_files_lock(|| {
         let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
@@ -98,10 +125,78 @@ fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option
                 None,
             );
         }
-        // Reach the provider before saving it.
-        let probe = ProviderRecord { id: 0, name: name.to_string(), kind, options: options.clone(), db_oid: db };
-        open_provider(&probe).and_then(|p| p.check()).or_raise();
+        reach_provider(name, kind, &options, db);
         catalog.add(name, kind, options, db).or_raise();
+        keys::save_providers(&catalog).or_raise();
+    });
+}
+
+fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Option<Json>, global: bool) {
+    require_key_admin("change a key provider");
+    let name = required_name(name, "provider name");
+    let (kind, options) = provider_kind_and_options(provider_type, options);
+    let db = scope_db(global);
+    keys::with_key_files_lock(|| {
+        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+        let Some(id) = catalog.providers.iter().find(|p| p.db_oid == db && p.name == name).map(|p| p.id) else {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                &format!("{} key provider \"{name}\" does not exist", scope_word(global)),
+                None,
+            )
+        };
+        let provider = reach_provider(name, kind, &options, db);
+        // Every principal key in use through this provider must be reachable
+        // with the new settings and identical to the key in use.
+        for (_, header) in keys::headers_using_provider(id).or_raise() {
+            let key = match provider.get_key(&header.principal.name).or_raise() {
+                Some(k) => k,
+                None => raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    &format!(
+                        "principal key \"{}\" is in use but cannot be found with the new settings of key provider \"{name}\"",
+                        header.principal.name
+                    ),
+                    None,
+                ),
+            };
+            if header.verify_principal(&key.key).is_err() {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    &format!(
+                        "principal key \"{}\" differs in the provider reached with the new settings of \"{name}\"",
+                        header.principal.name
+                    ),
+                    None,
+                );
+            }
+        }
+        catalog.change(id, kind, options).or_raise();
+        keys::save_providers(&catalog).or_raise();
+    });
+}
+
+fn delete_provider(name: Option<&str>, global: bool) {
+    require_key_admin("delete a key provider");
+    let name = required_name(name, "provider name");
+    let db = scope_db(global);
+    keys::with_key_files_lock(|| {
+        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+        let Some(id) = catalog.providers.iter().find(|p| p.db_oid == db && p.name == name).map(|p| p.id) else {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                &format!("{} key provider \"{name}\" does not exist", scope_word(global)),
+                None,
+            )
+        };
+        if let Some((_, h)) = keys::headers_using_provider(id).or_raise().first() {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                &format!("key provider \"{name}\" is in use"),
+                Some(&format!("Principal key \"{}\" comes from it.", h.principal.name)),
+            );
+        }
+        catalog.remove(id);
         keys::save_providers(&catalog).or_raise();
     });
 }
@@ -116,9 +211,71 @@ fn add_global_key_provider(provider_type: Option<&str>, provider_name: Option<&s
     add_provider(provider_type, provider_name, options, true)
 }
 
+#[pg_extern(name = "pg_tde_change_database_key_provider")]
+fn change_database_key_provider(provider_type: Option<&str>, provider_name: Option<&str>, options: Option<Json>) {
+    change_provider(provider_type, provider_name, options, false)
+}
+
+#[pg_extern(name = "pg_tde_change_global_key_provider")]
+fn change_global_key_provider(provider_type: Option<&str>, provider_name: Option<&str>, options: Option<Json>) {
+    change_provider(provider_type, provider_name, options, true)
+}
+
+#[pg_extern(name = "pg_tde_delete_database_key_provider")]
+fn delete_database_key_provider(provider_name: Option<&str>) {
+    delete_provider(provider_name, false)
+}
+
+#[pg_extern(name = "pg_tde_delete_global_key_provider")]
+fn delete_global_key_provider(provider_name: Option<&str>) {
+    delete_provider(provider_name, true)
+}
+
+// Typed wrappers: the options objects they build are those of the generic functions.
+
 fn file_options(path: Option<&str>) -> Json {
     let path = required_name(path, "file path");
     Json(serde_json::json!({ "path": path }))
+}
+
+fn vault_options(
+    url: Option<&str>,
+    mount_path: Option<&str>,
+    token_path: Option<&str>,
+    ca_path: Option<&str>,
+    namespace: Option<&str>,
+) -> Json {
+    let mut o = serde_json::json!({
+        "url": required_name(url, "url"),
+        "mountPath": required_name(mount_path, "mount path"),
+        "tokenPath": required_name(token_path, "token path"),
+    });
+    if let Some(ca) = ca_path {
+        o["caPath"] = ca.into();
+    }
+    if let Some(ns) = namespace {
+        o["namespace"] = ns.into();
+    }
+    Json(o)
+}
+
+fn kmip_options(
+    host: Option<&str>,
+    port: Option<i32>,
+    cert_path: Option<&str>,
+    key_path: Option<&str>,
+    ca_path: Option<&str>,
+) -> Json {
+    let Some(port) = port else {
+        raise_with(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "port cannot be NULL", None)
+    };
+    Json(serde_json::json!({
+        "host": required_name(host, "host"),
+        "port": port,
+        "certPath": required_name(cert_path, "certificate path"),
+        "keyPath": required_name(key_path, "key path"),
+        "caPath": required_name(ca_path, "CA path"),
+    }))
 }
 
 #[pg_extern(name = "pg_tde_add_database_key_provider_file")]
@@ -129,6 +286,116 @@ fn add_database_key_provider_file(provider_name: Option<&str>, file_path: Option
 #[pg_extern(name = "pg_tde_add_global_key_provider_file")]
 fn add_global_key_provider_file(provider_name: Option<&str>, file_path: Option<&str>) {
     add_provider(Some("file"), provider_name, Some(file_options(file_path)), true)
+}
+
+#[pg_extern(name = "pg_tde_change_database_key_provider_file")]
+fn change_database_key_provider_file(provider_name: Option<&str>, file_path: Option<&str>) {
+    change_provider(Some("file"), provider_name, Some(file_options(file_path)), false)
+}
+
+#[pg_extern(name = "pg_tde_change_global_key_provider_file")]
+fn change_global_key_provider_file(provider_name: Option<&str>, file_path: Option<&str>) {
+    change_provider(Some("file"), provider_name, Some(file_options(file_path)), true)
+}
+
+#[pg_extern(name = "pg_tde_add_database_key_provider_vault_v2")]
+fn add_database_key_provider_vault_v2(
+    provider_name: Option<&str>,
+    url: Option<&str>,
+    mount_path: Option<&str>,
+    token_path: Option<&str>,
+    ca_path: Option<&str>,
+    namespace: default!(Option<&str>, "NULL"),
+) {
+    let o = vault_options(url, mount_path, token_path, ca_path, namespace);
+    add_provider(Some("vault-v2"), provider_name, Some(o), false)
+}
+
+#[pg_extern(name = "pg_tde_add_global_key_provider_vault_v2")]
+fn add_global_key_provider_vault_v2(
+    provider_name: Option<&str>,
+    url: Option<&str>,
+    mount_path: Option<&str>,
+    token_path: Option<&str>,
+    ca_path: Option<&str>,
+    namespace: default!(Option<&str>, "NULL"),
+) {
+    let o = vault_options(url, mount_path, token_path, ca_path, namespace);
+    add_provider(Some("vault-v2"), provider_name, Some(o), true)
+}
+
+#[pg_extern(name = "pg_tde_change_database_key_provider_vault_v2")]
+fn change_database_key_provider_vault_v2(
+    provider_name: Option<&str>,
+    url: Option<&str>,
+    mount_path: Option<&str>,
+    token_path: Option<&str>,
+    ca_path: Option<&str>,
+    namespace: default!(Option<&str>, "NULL"),
+) {
+    let o = vault_options(url, mount_path, token_path, ca_path, namespace);
+    change_provider(Some("vault-v2"), provider_name, Some(o), false)
+}
+
+#[pg_extern(name = "pg_tde_change_global_key_provider_vault_v2")]
+fn change_global_key_provider_vault_v2(
+    provider_name: Option<&str>,
+    url: Option<&str>,
+    mount_path: Option<&str>,
+    token_path: Option<&str>,
+    ca_path: Option<&str>,
+    namespace: default!(Option<&str>, "NULL"),
+) {
+    let o = vault_options(url, mount_path, token_path, ca_path, namespace);
+    change_provider(Some("vault-v2"), provider_name, Some(o), true)
+}
+
+#[pg_extern(name = "pg_tde_add_database_key_provider_kmip")]
+fn add_database_key_provider_kmip(
+    provider_name: Option<&str>,
+    host: Option<&str>,
+    port: Option<i32>,
+    cert_path: Option<&str>,
+    key_path: Option<&str>,
+    ca_path: Option<&str>,
+) {
+    add_provider(Some("kmip"), provider_name, Some(kmip_options(host, port, cert_path, key_path, ca_path)), false)
+}
+
+#[pg_extern(name = "pg_tde_add_global_key_provider_kmip")]
+fn add_global_key_provider_kmip(
+    provider_name: Option<&str>,
+    host: Option<&str>,
+    port: Option<i32>,
+    cert_path: Option<&str>,
+    key_path: Option<&str>,
+    ca_path: Option<&str>,
+) {
+    add_provider(Some("kmip"), provider_name, Some(kmip_options(host, port, cert_path, key_path, ca_path)), true)
+}
+
+#[pg_extern(name = "pg_tde_change_database_key_provider_kmip")]
+fn change_database_key_provider_kmip(
+    provider_name: Option<&str>,
+    host: Option<&str>,
+    port: Option<i32>,
+    cert_path: Option<&str>,
+    key_path: Option<&str>,
+    ca_path: Option<&str>,
+) {
+    change_provider(Some("kmip"), provider_name, Some(kmip_options(host, port, cert_path, key_path, ca_path)), false)
+}
+
+#[pg_extern(name = "pg_tde_change_global_key_provider_kmip")]
+fn change_global_key_provider_kmip(
+    provider_name: Option<&str>,
+    host: Option<&str>,
+    port: Option<i32>,
+    cert_path: Option<&str>,
+    key_path: Option<&str>,
+    ca_path: Option<&str>,
+) {
+    change_provider(Some("kmip"), provider_name, Some(kmip_options(host, port, cert_path, key_path, ca_path)), true)
 }
 
 fn list_providers(
@@ -183,7 +450,7 @@ fn find_provider(name: &str, global: bool) -> ProviderRecord {
 
 fn create_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool) {
     if global {
-        require_superuser("create a key with a global key provider");
+        require_key_admin("create a key with a global key provider");
     }
     let key_name = required_name(key_name, "key name");
     let provider_name = required_name(provider_name, "provider name");
@@ -209,10 +476,12 @@ fn create_key_using_global_key_provider(key_name: Option<&str>, provider_name: O
     create_key(key_name, provider_name, true)
 }
 
-fn set_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool) {
-    if global {
-        require_superuser("set a key from a global key provider");
-    }
+/// Fetch a key from a provider for one of the set_* functions.
+fn fetch_key_for_set(
+    key_name: Option<&str>,
+    provider_name: Option<&str>,
+    global: bool,
+) -> (PrincipalRef, PrincipalKey) {
     let key_name = required_name(key_name, "key name");
     let provider_name = required_name(provider_name, "provider name");
     let rec = find_provider(provider_name, global);
@@ -225,7 +494,14 @@ fn set_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool) {
         )
     };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let principal = PrincipalRef { name: key_name.to_string(), provider_id: rec.id, created_unix_secs: created };
+    (PrincipalRef { name: key_name.to_string(), provider_id: rec.id, created_unix_secs: created }, key)
+}
+
+fn set_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool) {
+    if global {
+        require_key_admin("set a key from a global key provider");
+    }
+    let (principal, key) = fetch_key_for_set(key_name, provider_name, global);
     keys::set_database_principal(my_database(), principal, &key.key).or_raise();
 }
 
@@ -237,6 +513,93 @@ fn set_key_using_database_key_provider(key_name: Option<&str>, provider_name: Op
 #[pg_extern(name = "pg_tde_set_key_using_global_key_provider")]
 fn set_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
     set_key(key_name, provider_name, true)
+}
+
+#[pg_extern(name = "pg_tde_set_server_key_using_global_key_provider")]
+fn set_server_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
+    require_key_admin("set the server key");
+    let (principal, key) = fetch_key_for_set(key_name, provider_name, true);
+    keys::set_database_principal(keys::SERVER_KEY_DB, principal, &key.key).or_raise();
+}
+
+#[pg_extern(name = "pg_tde_set_default_key_using_global_key_provider")]
+fn set_default_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
+    require_key_admin("set the default key");
+    let (principal, key) = fetch_key_for_set(key_name, provider_name, true);
+    keys::set_default_principal(principal, &key.key).or_raise();
+}
+
+/// Delete this database's principal key.  With encrypted relations left, the
+/// database falls back to the default key when there is one (its relation keys
+/// are re-wrapped); otherwise it is refused.
+#[pg_extern(name = "pg_tde_delete_key")]
+fn delete_key() {
+    let db = my_database();
+    let Some(header) = keys::database_header(db).or_raise() else {
+        raise_with(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, "principal key not configured for this database", None)
+    };
+    if keys::relation_key_count(db).or_raise() == 0 {
+        keys::remove_map(db).or_raise();
+        return;
+    }
+    match keys::database_header(keys::DEFAULT_KEY_DB).or_raise() {
+        Some(default) if !keys::same_principal(&default.principal, &header.principal) => {
+            let key = keys::principal_key(&default.principal).or_raise();
+            keys::set_database_principal(db, default.principal, &key).or_raise();
+        }
+        _ => raise_with(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            "cannot delete the principal key: encrypted relations in this database need it",
+            Some("Drop or decrypt them first, or set a default key for the database to fall back to."),
+        ),
+    }
+}
+
+#[pg_extern(name = "pg_tde_delete_default_key")]
+fn delete_default_key() {
+    require_key_admin("delete the default key");
+    let Some(default) = keys::database_header(keys::DEFAULT_KEY_DB).or_raise() else {
+        raise_with(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, "no default key is set", None)
+    };
+    for db in keys::databases_with_maps().or_raise() {
+        if let Some(h) = keys::database_header(db).or_raise() {
+            if keys::same_principal(&h.principal, &default.principal) {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                    &format!("cannot delete the default key: database with OID {db} uses it"),
+                    Some("Give that database a principal key of its own first."),
+                );
+            }
+        }
+    }
+    keys::remove_map(keys::DEFAULT_KEY_DB).or_raise();
+}
+
+fn key_info_of(
+    db: u32,
+) -> TableIterator<
+    'static,
+    (
+        name!(key_name, String),
+        name!(provider_name, Option<String>),
+        name!(provider_id, i32),
+        name!(key_creation_time, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let rows = match keys::database_header(db).or_raise() {
+        None => Vec::new(),
+        Some(h) => {
+            let catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+            let provider_name = catalog.by_id(h.principal.provider_id).map(|p| p.name.clone());
+            vec![(
+                h.principal.name.clone(),
+                provider_name,
+                h.principal.provider_id,
+                unix_to_timestamptz(h.principal.created_unix_secs),
+            )]
+        }
+    };
+    TableIterator::new(rows)
 }
 
 /// Seconds since the Unix epoch as a timestamptz.
@@ -255,29 +618,41 @@ fn key_info() -> TableIterator<
         name!(key_creation_time, Option<TimestampWithTimeZone>),
     ),
 > {
-    let rows = match keys::database_header(my_database()).or_raise() {
-        None => Vec::new(),
-        Some(h) => {
-            let catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
-            let provider_name = catalog.by_id(h.principal.provider_id).map(|p| p.name.clone());
-            vec![(
-                h.principal.name.clone(),
-                provider_name,
-                h.principal.provider_id,
-                unix_to_timestamptz(h.principal.created_unix_secs),
-            )]
-        }
-    };
-    TableIterator::new(rows)
+    key_info_of(my_database())
 }
 
-#[pg_extern(name = "pg_tde_verify_key")]
-fn verify_key() {
-    let Some(header) = keys::database_header(my_database()).or_raise() else {
+#[pg_extern(name = "pg_tde_server_key_info")]
+fn server_key_info() -> TableIterator<
+    'static,
+    (
+        name!(key_name, String),
+        name!(provider_name, Option<String>),
+        name!(provider_id, i32),
+        name!(key_creation_time, Option<TimestampWithTimeZone>),
+    ),
+> {
+    key_info_of(keys::SERVER_KEY_DB)
+}
+
+#[pg_extern(name = "pg_tde_default_key_info")]
+fn default_key_info() -> TableIterator<
+    'static,
+    (
+        name!(key_name, String),
+        name!(provider_name, Option<String>),
+        name!(provider_id, i32),
+        name!(key_creation_time, Option<TimestampWithTimeZone>),
+    ),
+> {
+    key_info_of(keys::DEFAULT_KEY_DB)
+}
+
+fn verify(db: u32, what: &str) {
+    let Some(header) = keys::database_header(db).or_raise() else {
         raise_with(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            "principal key not configured for this database",
-            Some("Use pg_tde_set_key_using_database_key_provider() or pg_tde_set_key_using_global_key_provider()."),
+            &format!("{what} is not configured"),
+            Some("Use the pg_tde_set_*key* functions to set it."),
         )
     };
     // Ask the provider itself, not the cache.
@@ -285,7 +660,7 @@ fn verify_key() {
     if header.verify_principal(&fresh).is_err() {
         raise_with(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            &format!("principal key \"{}\" in its provider differs from the key in use", header.principal.name),
+            &format!("{what} \"{}\" in its provider differs from the key in use", header.principal.name),
             None,
         );
     }
@@ -293,10 +668,27 @@ fn verify_key() {
     if header.verify_principal(&cached).is_err() {
         raise_with(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-            "the cached principal key differs from the key in use",
+            &format!("the cached {what} differs from the key in use"),
             None,
         );
     }
+}
+
+#[pg_extern(name = "pg_tde_verify_key")]
+fn verify_key() {
+    verify(my_database(), "principal key of this database")
+}
+
+#[pg_extern(name = "pg_tde_verify_server_key")]
+fn verify_server_key() {
+    require_key_admin("verify the server key");
+    verify(keys::SERVER_KEY_DB, "server key")
+}
+
+#[pg_extern(name = "pg_tde_verify_default_key")]
+fn verify_default_key() {
+    require_key_admin("verify the default key");
+    verify(keys::DEFAULT_KEY_DB, "default key")
 }
 
 // ---------------------------------------------------------------------------
@@ -345,6 +737,103 @@ fn version() -> String {
 
 pgrx::extension_sql!(
     r#"
+-- Members of this role may manage key providers, global keys, the default key
+-- and the server key (pg_tde checks membership itself: EXECUTE alone is not enough).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tde_key_admin') THEN
+        CREATE ROLE tde_key_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION pg_tde_database_key_functions() RETURNS text[] LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog AS $$
+    SELECT ARRAY[
+        'pg_tde_create_key_using_database_key_provider(text, text)',
+        'pg_tde_set_key_using_database_key_provider(text, text)',
+        'pg_tde_delete_key()',
+        'pg_tde_key_info()',
+        'pg_tde_verify_key()',
+        'pg_tde_list_all_database_key_providers()',
+        'pg_tde_list_all_global_key_providers()']
+$$;
+
+CREATE FUNCTION pg_tde_global_key_functions() RETURNS text[] LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog AS $$
+    SELECT ARRAY[
+        'pg_tde_add_database_key_provider(text, text, json)',
+        'pg_tde_add_global_key_provider(text, text, json)',
+        'pg_tde_change_database_key_provider(text, text, json)',
+        'pg_tde_change_global_key_provider(text, text, json)',
+        'pg_tde_delete_database_key_provider(text)',
+        'pg_tde_delete_global_key_provider(text)',
+        'pg_tde_add_database_key_provider_file(text, text)',
+        'pg_tde_add_global_key_provider_file(text, text)',
+        'pg_tde_change_database_key_provider_file(text, text)',
+        'pg_tde_change_global_key_provider_file(text, text)',
+        'pg_tde_add_database_key_provider_vault_v2(text, text, text, text, text, text)',
+        'pg_tde_add_global_key_provider_vault_v2(text, text, text, text, text, text)',
+        'pg_tde_change_database_key_provider_vault_v2(text, text, text, text, text, text)',
+        'pg_tde_change_global_key_provider_vault_v2(text, text, text, text, text, text)',
+        'pg_tde_add_database_key_provider_kmip(text, text, integer, text, text, text)',
+        'pg_tde_add_global_key_provider_kmip(text, text, integer, text, text, text)',
+        'pg_tde_change_database_key_provider_kmip(text, text, integer, text, text, text)',
+        'pg_tde_change_global_key_provider_kmip(text, text, integer, text, text, text)',
+        'pg_tde_create_key_using_global_key_provider(text, text)',
+        'pg_tde_set_key_using_global_key_provider(text, text)',
+        'pg_tde_set_server_key_using_global_key_provider(text, text)',
+        'pg_tde_set_default_key_using_global_key_provider(text, text)',
+        'pg_tde_delete_default_key()',
+        'pg_tde_server_key_info()',
+        'pg_tde_default_key_info()',
+        'pg_tde_verify_server_key()',
+        'pg_tde_verify_default_key()']
+$$;
+
+CREATE FUNCTION pg_tde_grant_database_key_management_to_role(target_role text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE f text;
+BEGIN
+    FOREACH f IN ARRAY @extschema@.pg_tde_database_key_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.%s TO %I', f, target_role);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pg_tde_revoke_database_key_management_from_role(target_role text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE f text;
+BEGIN
+    FOREACH f IN ARRAY @extschema@.pg_tde_database_key_functions() LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION @extschema@.%s FROM %I', f, target_role);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pg_tde_grant_global_key_management_to_role(target_role text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE f text;
+BEGIN
+    FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.%s TO %I', f, target_role);
+    END LOOP;
+    EXECUTE format('GRANT tde_key_admin TO %I', target_role);
+END
+$$;
+
+CREATE FUNCTION pg_tde_revoke_global_key_management_from_role(target_role text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE f text;
+BEGIN
+    FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION @extschema@.%s FROM %I', f, target_role);
+    END LOOP;
+    EXECUTE format('REVOKE tde_key_admin FROM %I', target_role);
+END
+$$;
+
+-- Every management function is revoked from PUBLIC; the status functions stay open.
 DO $$
 DECLARE f regprocedure;
 BEGIN
@@ -352,7 +841,8 @@ BEGIN
         SELECT p.oid::regprocedure FROM pg_proc p
         WHERE p.pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
           AND p.proname LIKE 'pg\_tde\_%'
-          AND p.proname NOT IN ('pg_tde_is_encrypted', 'pg_tde_version')
+          AND p.proname NOT IN ('pg_tde_is_encrypted', 'pg_tde_version',
+                                'pg_tde_database_key_functions', 'pg_tde_global_key_functions')
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;

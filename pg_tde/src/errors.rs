@@ -3,6 +3,7 @@
 //! Messages come from `tde_core`, which never puts key material into them;
 //! this module adds the SQLSTATE and, where it helps, a hint.
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{ereport, PgSqlErrorCode};
 use tde_core::TdeError;
@@ -25,10 +26,11 @@ pub fn raise(err: TdeError) -> ! {
 
 /// Raise an SQL ERROR with an explicit SQLSTATE and optional hint.
 pub fn raise_with(code: PgSqlErrorCode, message: &str, hint: Option<&str>) -> ! {
-    match hint {
-        Some(hint) => ereport!(PgLogLevel::ERROR, code, message, hint),
-        None => ereport!(PgLogLevel::ERROR, code, message),
+    let mut report = ErrorReport::new(code, message.to_string(), "pg_tde");
+    if let Some(hint) = hint {
+        report = report.set_hint(hint);
     }
+    report.report(PgLogLevel::ERROR);
     unreachable!("ereport(ERROR) returned")
 }
 

@@ -20,6 +20,17 @@ pub enum CipherSetting {
 pub static CIPHER: GucSetting<CipherSetting> = GucSetting::<CipherSetting>::new(CipherSetting::Aes128Xts);
 pub static ENFORCE_ENCRYPTION: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static INHERIT_GLOBAL_PROVIDERS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Test-only: name of a point at which the server process crashes (see
+/// [`crash_point`]).  Hidden from SHOW ALL; superuser only.
+pub static TEST_CRASH_POINT: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
+
+/// Simulate a crash (as a power loss would) when `pg_tde.test_crash_point`
+/// names this point.  Used by the crash-safety tests of key rotation.
+pub fn crash_point(name: &str) {
+    if TEST_CRASH_POINT.get().is_some_and(|p| p.to_bytes() == name.as_bytes()) {
+        std::process::abort();
+    }
+}
 
 /// The cipher for new internal keys and the length of new principal keys.
 pub fn cipher() -> Cipher {
@@ -48,6 +59,14 @@ pub fn init() {
         &ENFORCE_ENCRYPTION,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_tde.test_crash_point",
+        c"Test only: crash the server process at the named point.",
+        c"",
+        &TEST_CRASH_POINT,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
     );
     GucRegistry::define_bool_guc(
         c"pg_tde.inherit_global_providers",

@@ -45,6 +45,9 @@ pub fn init() {
     }
 }
 
+/// OIDs below this belong to objects created by initdb.
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
 fn is_temp_persistence(p: c_char) -> bool {
     p as u8 == pg_sys::RELPERSISTENCE_TEMP
 }
@@ -112,8 +115,23 @@ unsafe extern "C-unwind" fn tde_object_access(
         }
         let form = *(*rel).rd_rel;
         let locator = (*rel).rd_locator;
+        let tde = am::is_tde_heap(rel);
         pg_sys::RelationClose(rel);
-        if form.relkind as u8 != pg_sys::RELKIND_INDEX {
+        let relkind = form.relkind as u8;
+        if (relkind == pg_sys::RELKIND_RELATION || relkind == pg_sys::RELKIND_MATVIEW)
+            && !tde
+            && object_id.to_u32() >= FIRST_NORMAL_OBJECT_ID
+            && !(!arg.is_null() && (*(arg as *mut pg_sys::ObjectAccessPostCreate)).is_internal)
+            && crate::gucs::ENFORCE_ENCRYPTION.get()
+        {
+            let name = std::ffi::CStr::from_ptr(form.relname.data.as_ptr()).to_string_lossy().into_owned();
+            crate::errors::raise_with(
+                pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                &format!("pg_tde.enforce_encryption is on: relation \"{name}\" must use the tde_heap access method"),
+                Some("Create it USING tde_heap, or set default_table_access_method = tde_heap."),
+            );
+        }
+        if relkind != pg_sys::RELKIND_INDEX {
             return;
         }
         // The index's table is read with SnapshotSelf; the pg_index row is
@@ -236,6 +254,48 @@ unsafe fn range_var_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// With `pg_tde.enforce_encryption` on, `ALTER TABLE ... SET ACCESS METHOD`
+/// to anything but `tde_heap` is refused.  (New tables are checked when they
+/// are created; table rewrites, which create internal tables, are not.)
+///
+/// # Safety
+/// `stmt` must be NULL or a valid parse node.
+unsafe fn refuse_decrypting_under_enforcement(stmt: *mut pg_sys::Node) {
+    if stmt.is_null() || !crate::gucs::ENFORCE_ENCRYPTION.get() {
+        return;
+    }
+    // SAFETY: we check the node tag before casting, and walk the command list
+    // of the statement, which stays valid during the call.
+    unsafe {
+        if (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+            return;
+        }
+        let cmds = (*(stmt as *mut pg_sys::AlterTableStmt)).cmds;
+        if cmds.is_null() {
+            return;
+        }
+        for i in 0..(*cmds).length {
+            let cmd = (*(*cmds).elements.add(i as usize)).ptr_value as *mut pg_sys::AlterTableCmd;
+            if (*cmd).subtype == pg_sys::AlterTableType::AT_SetAccessMethod {
+                let target = if (*cmd).name.is_null() {
+                    String::from("(default)")
+                } else {
+                    std::ffi::CStr::from_ptr((*cmd).name).to_string_lossy().into_owned()
+                };
+                if target != "tde_heap" {
+                    crate::errors::raise_with(
+                        pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        &format!(
+                            "pg_tde.enforce_encryption is on: cannot change a table's access method to \"{target}\""
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn tde_process_utility(
@@ -250,6 +310,8 @@ unsafe extern "C-unwind" fn tde_process_utility(
 ) {
     // SAFETY: pstmt is the statement being executed.
     let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: stmt is NULL or a valid parse node.
+    unsafe { refuse_decrypting_under_enforcement(stmt) };
     // SAFETY: chaining to the previous hook or the standard function.
     unsafe {
         match PREV_PROCESS_UTILITY {

@@ -35,8 +35,36 @@ use crate::rmgr;
 /// PostgreSQL process runs with the data directory as its working directory).
 pub const KEY_DIR: &str = "pg_tde";
 
+/// Pseudo database OIDs under which the cluster-wide default and server
+/// principal keys are kept (header-only key maps; never valid database OIDs,
+/// which stay below 2^32 - 2).
+pub const DEFAULT_KEY_DB: u32 = u32::MAX - 1;
+pub const SERVER_KEY_DB: u32 = u32::MAX - 2;
+
 pub fn map_path(db_oid: u32) -> PathBuf {
-    PathBuf::from(format!("{KEY_DIR}/{db_oid}_keys"))
+    match db_oid {
+        DEFAULT_KEY_DB => PathBuf::from(format!("{KEY_DIR}/default_key")),
+        SERVER_KEY_DB => PathBuf::from(format!("{KEY_DIR}/server_key")),
+        db => PathBuf::from(format!("{KEY_DIR}/{db}_keys")),
+    }
+}
+
+/// OIDs of the databases that have a key map.
+pub fn databases_with_maps() -> Result<Vec<u32>> {
+    let dir = match std::fs::read_dir(KEY_DIR) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TdeError::Io { context: format!("listing \"{KEY_DIR}\""), source: e }),
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_keys")).and_then(|n| n.parse::<u32>().ok()) {
+            out.push(db);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
 }
 
 pub fn providers_path() -> PathBuf {
@@ -231,7 +259,9 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
             Err(e) => return Err(e),
         };
         let header = KeyMapHeader::new(db_oid, principal.clone(), key)?;
+        crate::gucs::crash_point("rotation_before_wal");
         rmgr::log_map_rewrite(db_oid, &header, &entries)?;
+        crate::gucs::crash_point("rotation_after_wal");
         keymap::rewrite(&path, &header, &entries)?;
         cache_principal(principal.provider_id, &principal.name, key);
         bump_generation();
@@ -342,8 +372,21 @@ pub fn create_file_key(id: FileId, temp: bool) -> Result<()> {
         LOCAL.with(|cell| cell.borrow_mut().temp.insert(id, cipher));
         return Ok(());
     }
-    let header = database_header(id.db)?.ok_or_else(|| no_principal_key(id.db))?;
+    let header = match database_header(id.db)? {
+        Some(h) => h,
+        None => adopt_default_key(id.db)?,
+    };
     store_file_key(id, &header, &relkey)
+}
+
+/// Give a database without a principal key of its own the cluster's default
+/// key, if there is one.
+fn adopt_default_key(db_oid: u32) -> Result<KeyMapHeader> {
+    let default = database_header(DEFAULT_KEY_DB)?.ok_or_else(|| no_principal_key(db_oid))?;
+    let key = principal_key(&default.principal)?;
+    default.verify_principal(&key)?;
+    set_database_principal(db_oid, default.principal.clone(), &key)?;
+    database_header(db_oid)?.ok_or_else(|| no_principal_key(db_oid))
 }
 
 fn no_principal_key(db_oid: u32) -> TdeError {
@@ -407,8 +450,80 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
     })
 }
 
+/// Remove a key map (a database's principal key, or the default or server
+/// key): WAL first, then the file.
+pub fn remove_map(db_oid: u32) -> Result<()> {
+    with_key_files_lock(|| {
+        rmgr::log_map_remove(db_oid);
+        remove_map_file(db_oid)?;
+        bump_generation();
+        Ok(())
+    })
+}
+
+fn remove_map_file(db_oid: u32) -> Result<()> {
+    match std::fs::remove_file(map_path(db_oid)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TdeError::Io { context: format!("removing \"{}\"", map_path(db_oid).display()), source: e }),
+    }
+}
+
+/// Number of relation keys in a database's key map.
+pub fn relation_key_count(db_oid: u32) -> Result<usize> {
+    match keymap::read_for_lookup(&map_path(db_oid)) {
+        Ok(v) => Ok(v.entries.len() + v.damaged.len()),
+        Err(TdeError::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether two principal-key references name the same key.
+pub fn same_principal(a: &PrincipalRef, b: &PrincipalRef) -> bool {
+    a.provider_id == b.provider_id && a.name == b.name
+}
+
+/// Set or rotate the cluster's default principal key: every database that
+/// uses the old default key is re-wrapped with the new one first.
+pub fn set_default_principal(principal: PrincipalRef, key: &[u8]) -> Result<()> {
+    if let Some(old) = database_header(DEFAULT_KEY_DB)? {
+        for db in databases_with_maps()? {
+            if let Some(h) = database_header(db)? {
+                if same_principal(&h.principal, &old.principal) {
+                    set_database_principal(db, principal.clone(), key)?;
+                }
+            }
+        }
+    }
+    set_database_principal(DEFAULT_KEY_DB, principal, key)
+}
+
+/// Every key-map header (databases, default, server) that refers to a
+/// provider, with the pseudo-OID it is stored under.
+pub fn headers_using_provider(provider_id: i32) -> Result<Vec<(u32, KeyMapHeader)>> {
+    let mut out = Vec::new();
+    let mut dbs = databases_with_maps()?;
+    dbs.extend([DEFAULT_KEY_DB, SERVER_KEY_DB]);
+    for db in dbs {
+        if let Some(h) = database_header(db)? {
+            if h.principal.provider_id == provider_id {
+                out.push((db, h));
+            }
+        }
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------
 // Redo: apply WAL-logged changes to the files (no principal key needed).
+
+pub fn redo_map_remove(db_oid: u32) -> Result<()> {
+    with_key_files_lock(|| {
+        remove_map_file(db_oid)?;
+        bump_generation();
+        Ok(())
+    })
+}
 
 pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
     ensure_key_dir()?;

@@ -10,6 +10,7 @@
 //! | `0x10` | relation key added | db oid (u32 LE) + key-map entry bytes |
 //! | `0x20` | key map rewritten (principal key set or rotated) | db oid + header bytes + u32 count + entries |
 //! | `0x30` | provider catalog replaced | catalog bytes |
+//! | `0x40` | key map removed (principal key deleted) | db oid |
 //!
 //! Removal of a relation key is not logged: it follows the unlink of the
 //! relation file, which recovery replays through the storage manager.
@@ -29,6 +30,7 @@ pub const RM_TDE_ID: u8 = 141;
 const XLOG_TDE_RELATION_KEY: u8 = 0x10;
 const XLOG_TDE_MAP_REWRITE: u8 = 0x20;
 const XLOG_TDE_PROVIDERS: u8 = 0x30;
+const XLOG_TDE_MAP_REMOVE: u8 = 0x40;
 
 const XLR_INFO_MASK: u8 = 0x0F;
 
@@ -76,6 +78,10 @@ pub fn log_map_rewrite(db_oid: u32, header: &KeyMapHeader, entries: &[KeyMapEntr
     }
     insert(XLOG_TDE_MAP_REWRITE, &[&db_oid.to_le_bytes(), &payload]);
     Ok(())
+}
+
+pub fn log_map_remove(db_oid: u32) {
+    insert(XLOG_TDE_MAP_REMOVE, &[&db_oid.to_le_bytes()]);
 }
 
 pub fn log_providers(bytes: &[u8]) {
@@ -135,6 +141,7 @@ unsafe extern "C-unwind" fn tde_redo(record: *mut pg_sys::XLogReaderState) {
             parse_map_rewrite(rest).and_then(|(h, e)| keys::redo_map_rewrite(db, &h, &e))
         }
         XLOG_TDE_PROVIDERS => keys::redo_providers(data),
+        XLOG_TDE_MAP_REMOVE => keys::redo_map_remove(split_db(data).0),
         other => Err(tde_core::TdeError::Corrupt(format!("unknown pg_tde WAL record info {other:#x}"))),
     };
     if let Err(e) = result {
@@ -158,6 +165,7 @@ unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sy
         }
         XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
         XLOG_TDE_PROVIDERS => format!("{} bytes", data.len()),
+        XLOG_TDE_MAP_REMOVE if data.len() >= 4 => format!("db {}", split_db(data).0),
         _ => String::new(),
     };
     let c = std::ffi::CString::new(text).unwrap_or_default();
@@ -171,6 +179,7 @@ unsafe extern "C-unwind" fn tde_identify(info: u8) -> *const c_char {
         XLOG_TDE_RELATION_KEY => c"RELATION_KEY",
         XLOG_TDE_MAP_REWRITE => c"KEY_MAP_REWRITE",
         XLOG_TDE_PROVIDERS => c"PROVIDERS",
+        XLOG_TDE_MAP_REMOVE => c"KEY_MAP_REMOVE",
         _ => return std::ptr::null(),
     };
     name.as_ptr()

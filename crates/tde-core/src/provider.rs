@@ -13,8 +13,12 @@ use zeroize::Zeroizing;
 use crate::error::{Result, TdeError};
 
 mod file;
+pub mod kmip;
+pub mod vault;
 
 pub use file::FileKeyring;
+pub use kmip::{parse_kmip_options, KmipOptions, KmipProvider};
+pub use vault::{parse_vault_options, VaultOptions, VaultV2Provider};
 
 /// Longest key name, in bytes.
 pub const MAX_KEY_NAME_LEN: usize = 255;

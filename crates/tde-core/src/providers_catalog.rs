@@ -32,6 +32,8 @@ use serde_json::Value;
 use crate::error::{Result, TdeError};
 use crate::fsutil;
 use crate::provider::{parse_file_options, FileKeyring, KeyProvider, ProviderKind};
+use crate::provider::{parse_kmip_options, KmipProvider};
+use crate::provider::{parse_vault_options, VaultV2Provider};
 
 const FORMAT: &str = "pg_tde-providers";
 const VERSION: u32 = 1;
@@ -85,18 +87,13 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// Validate the options of a provider of `kind`.
 ///
-/// `file`: see [`parse_file_options`]. `vault-v2` and `kmip`: a JSON object (their full
-/// validation comes with their providers).
+/// `file`: see [`parse_file_options`]. `vault-v2`: see [`parse_vault_options`]. `kmip`: see
+/// [`parse_kmip_options`].
 pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
     match kind {
         ProviderKind::File => parse_file_options(options).map(|_| ()),
-        ProviderKind::VaultV2 | ProviderKind::Kmip => {
-            if options.is_object() {
-                Ok(())
-            } else {
-                Err(TdeError::Invalid(format!("{kind} key provider options must be a JSON object")))
-            }
-        }
+        ProviderKind::VaultV2 => parse_vault_options(options).map(|_| ()),
+        ProviderKind::Kmip => parse_kmip_options(options).map(|_| ()),
     }
 }
 
@@ -239,14 +236,13 @@ impl ProviderCatalog {
 
 /// Instantiate the provider described by `rec`.
 ///
-/// Only `file` providers exist so far; `vault-v2` and `kmip` fail with
-/// [`TdeError::Invalid`] ("not supported yet").
+/// `file`, `vault-v2` (which reads its token file here) and `kmip` (which reads its
+/// certificate files and contacts the server only in its methods) are supported.
 pub fn open_provider(rec: &ProviderRecord) -> Result<Box<dyn KeyProvider>> {
     match rec.kind {
         ProviderKind::File => Ok(Box::new(FileKeyring::new(parse_file_options(&rec.options)?))),
-        ProviderKind::VaultV2 | ProviderKind::Kmip => {
-            Err(TdeError::Invalid(format!("key provider type \"{}\" is not supported yet", rec.kind)))
-        }
+        ProviderKind::VaultV2 => Ok(Box::new(VaultV2Provider::new(parse_vault_options(&rec.options)?)?)),
+        ProviderKind::Kmip => Ok(Box::new(KmipProvider::new(parse_kmip_options(&rec.options)?))),
     }
 }
 
@@ -308,7 +304,9 @@ mod tests {
         assert!(invalid(c.add("", ProviderKind::File, file_opts("/k"), 0)));
         assert!(invalid(c.add("a\0", ProviderKind::File, file_opts("/k"), 0)));
         assert!(c.providers.is_empty());
-        c.add("v", ProviderKind::VaultV2, json!({"url": "https://127.0.0.1:8200"}), 0).unwrap();
+        assert!(invalid(c.add("a", ProviderKind::VaultV2, json!({"url": "https://127.0.0.1:8200"}), 0)));
+        let vault = json!({"url": "https://127.0.0.1:8200", "mountPath": "kv", "tokenPath": "/t"});
+        c.add("v", ProviderKind::VaultV2, vault, 0).unwrap();
     }
 
     #[test]
@@ -322,7 +320,10 @@ mod tests {
         let mut c = ProviderCatalog::new();
         c.add("g", ProviderKind::File, file_opts("/k/g.json"), 0).unwrap();
         let d = c.add("d", ProviderKind::File, file_opts("/k/d.json"), DB).unwrap();
-        c.add("k", ProviderKind::Kmip, json!({"host": "127.0.0.1", "port": 5696}), DB).unwrap();
+        let kmip = json!({"host": "127.0.0.1", "port": 5696, "certPath": "/k/c.pem",
+                          "keyPath": "/k/c.key", "caPath": "/k/ca.pem"});
+        assert!(matches!(c.add("k", ProviderKind::Kmip, json!({"host": "127.0.0.1"}), DB), Err(TdeError::Invalid(_))));
+        c.add("k", ProviderKind::Kmip, kmip, DB).unwrap();
         c.remove(d).unwrap();
         c.save_atomic(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -394,11 +395,17 @@ mod tests {
         assert_eq!(p.get_key("pk").unwrap().unwrap().key, k.key);
         assert!(keyring.exists());
 
-        let vid = c.add("v", ProviderKind::VaultV2, json!({}), 0).unwrap();
+        // a vault-v2 provider reads its token file when opened (the server is contacted
+        // only by its methods: see tests/vault_openbao.rs)
+        let token = dir.path().join("token");
+        let vault = json!({"url": "https://127.0.0.1:8200", "mountPath": "kv", "tokenPath": token.to_str().unwrap()});
+        let vid = c.add("v", ProviderKind::VaultV2, vault, 0).unwrap();
         match open_provider(c.by_id(vid).unwrap()) {
-            Err(TdeError::Invalid(m)) => assert!(m.contains("not supported yet"), "{m}"),
-            Err(e) => panic!("expected Invalid, got {e:?}"),
-            Ok(_) => panic!("vault-v2 should not be supported yet"),
+            Err(TdeError::Provider(m)) => assert!(m.contains("token file"), "{m}"),
+            Err(e) => panic!("expected Provider, got {e:?}"),
+            Ok(_) => panic!("a vault-v2 provider without its token file should not open"),
         }
+        std::fs::write(&token, "s.token\n").unwrap();
+        open_provider(c.by_id(vid).unwrap()).unwrap();
     }
 }
