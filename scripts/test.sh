@@ -16,8 +16,10 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "unit tests of the pgrx-free core"
-cargo test -p tde-core --locked
+log "unit tests of the pgrx-free core and the tools"
+cargo test -p tde-core -p tde-tools --locked
+cargo build -p tde-tools --locked
+export PG_TDE_BIN=$CARGO_TARGET_DIR/debug
 
 log "installing the extension into $PG_PREFIX"
 (cd pg_tde && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
