@@ -8,6 +8,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 bash "$REPO_ROOT/scripts/setup.sh"
+bash "$REPO_ROOT/scripts/install-test-servers.sh"
 cd "$REPO_ROOT"
 
 log "cargo fmt --check"
@@ -16,7 +17,7 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "unit tests of the pgrx-free core and the tools"
+log "unit tests of the pgrx-free core and the tools (with real OpenBao and PyKMIP servers)"
 cargo test -p tde-core -p tde-tools --locked
 cargo build -p tde-tools --locked
 export PG_TDE_BIN=$CARGO_TARGET_DIR/debug

@@ -22,6 +22,8 @@ pub mod providers_catalog;
 mod rng;
 #[cfg(test)]
 mod testutil;
+pub mod wal;
+pub mod walkeys;
 pub mod wrap;
 
 pub use cipher::{is_all_zero, page_tweak, Cipher, PageCipher, RelKey, PAGE_SIZE};

@@ -2,7 +2,8 @@
 //!
 //! Principal keys never live in `$PGDATA`; they are fetched from a provider through the
 //! [`KeyProvider`] trait. The kinds of provider are listed by [`ProviderKind`]; this
-//! crate implements the file keyring ([`FileKeyring`]); Vault KV v2 and KMIP come later.
+//! crate implements the file keyring ([`FileKeyring`]), Vault / OpenBao KV v2
+//! ([`VaultV2Provider`]) and KMIP ([`KmipProvider`]).
 
 use std::fmt;
 use std::path::PathBuf;

@@ -28,7 +28,7 @@
 
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,7 +151,7 @@ pub struct KmipProvider {
 
 /// How a KMIP request ended when the server answered it.
 enum Outcome {
-    Success(ResponsePayload),
+    Success(Box<ResponsePayload>),
     Failed { reason: Option<ResultReason>, message: String },
 }
 
@@ -295,11 +295,15 @@ impl KmipProvider {
         }
         let mut tcp = match (tcp, failure) {
             (Some(s), _) => s,
-            (None, Some((addr, e))) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(self
-                    .err(format_args!("could not connect to {addr}: timed out after {} s", CONNECT_TIMEOUT.as_secs())))
+            (None, Some((addr, e))) => {
+                // Name the address only when it is not already in the endpoint.
+                let to = if o.host.parse::<IpAddr>().is_ok() { String::new() } else { format!(" to {addr}") };
+                return Err(if e.kind() == io::ErrorKind::TimedOut {
+                    self.err(format_args!("could not connect{to}: timed out after {} s", CONNECT_TIMEOUT.as_secs()))
+                } else {
+                    self.err(format_args!("could not connect{to}: {e}"))
+                });
             }
-            (None, Some((addr, e))) => return Err(self.err(format_args!("could not connect to {addr}: {e}"))),
             (None, None) => return Err(self.err(format_args!("host \"{}\" has no address", o.host))),
         };
         let setup = |tcp: &TcpStream| -> io::Result<()> {
@@ -326,8 +330,13 @@ struct Session<'a> {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
+        // Say goodbye (close_notify) without waiting for the server's answer.
         self.stream.conn.send_close_notify();
-        let _ = self.stream.conn.complete_io(&mut self.stream.sock);
+        while self.stream.conn.wants_write() {
+            if !matches!(self.stream.conn.write_tls(&mut self.stream.sock), Ok(n) if n > 0) {
+                break;
+            }
+        }
     }
 }
 
@@ -363,7 +372,7 @@ impl Session<'_> {
         let item = response.batch_items.remove(0);
         match item.result_status {
             ResultStatus::Success => match (item.operation, item.payload) {
-                (Some(got), Some(payload)) if got == op => Ok(Outcome::Success(payload)),
+                (Some(got), Some(payload)) if got == op => Ok(Outcome::Success(Box::new(payload))),
                 (Some(got), _) if got != op => {
                     Err(p.err(format_args!("the server answered the {op} request with a {got} response")))
                 }
@@ -380,7 +389,7 @@ impl Session<'_> {
     fn request_ok(&mut self, payload: RequestPayload, sensitive: bool, what: &str) -> Result<ResponsePayload> {
         let op = payload.operation();
         match self.request(payload, sensitive)? {
-            Outcome::Success(payload) => Ok(payload),
+            Outcome::Success(payload) => Ok(*payload),
             Outcome::Failed { reason, message } => Err(self.failed(op, what, reason, &message)),
         }
     }
@@ -397,10 +406,10 @@ impl Session<'_> {
         attributes.extend(object_type.map(Attribute::ObjectType));
         let what = format!("key \"{name}\"");
         match self.request(RequestPayload::Locate(attributes), false)? {
-            Outcome::Success(ResponsePayload::Locate(found)) => {
-                Ok(found.unique_identifiers.into_iter().map(|id| id.0).collect())
-            }
-            Outcome::Success(_) => Err(self.provider.err("unexpected payload in the Locate response")),
+            Outcome::Success(payload) => match *payload {
+                ResponsePayload::Locate(found) => Ok(found.unique_identifiers.into_iter().map(|id| id.0).collect()),
+                _ => Err(self.provider.err("unexpected payload in the Locate response")),
+            },
             // Some servers answer "item not found" rather than an empty list.
             Outcome::Failed { reason: Some(ResultReason::ItemNotFound), .. } => Ok(Vec::new()),
             Outcome::Failed { reason, message } => Err(self.failed(Operation::Locate, &what, reason, &message)),
@@ -426,10 +435,9 @@ impl Session<'_> {
             KeyMaterial::Bytes(bytes) if format == KeyFormatType::Raw => Zeroizing::new(bytes),
             KeyMaterial::TransparentSymmetricKey(t) => Zeroizing::new(t.key),
             other => {
-                drop(Zeroizing::new(match other {
-                    KeyMaterial::Bytes(b) | KeyMaterial::Structure(b) => b,
-                    _ => Vec::new(),
-                }));
+                if let KeyMaterial::Bytes(b) | KeyMaterial::Structure(b) = other {
+                    drop(Zeroizing::new(b)); // wipe what may be key material
+                }
                 return Err(p.err(format_args!("{what} has the unsupported key format {format}")));
             }
         };

@@ -19,9 +19,10 @@
 //!
 //! Threat model for the token: it lives in the file named by `tokenPath` (never in
 //! `$PGDATA`, never in the provider options), is read again each time a provider is
-//! opened, and never appears in an error message or in `Debug` output: every error
-//! message of this module goes through [`VaultV2Provider::error`], which scrubs the
-//! token text, and the token header is marked sensitive. Redirects are followed only
+//! opened, and never appears in an error message or in `Debug` output: the messages
+//! about the token file name only its path, every message carrying server or library
+//! text goes through one function (`VaultV2Provider::error`) that scrubs the token
+//! text, and the token header is marked sensitive. Redirects are followed only
 //! to the same origin (scheme, host and port), because reqwest would otherwise send the
 //! custom `X-Vault-Token` header to whatever server a redirect names. Proxies from the
 //! environment are ignored. Buffers holding key material or the token are zeroed after
@@ -170,7 +171,8 @@ pub fn parse_vault_options(options: &Value) -> Result<VaultOptions> {
         None => None,
         Some(s) => {
             let ns = parse_vault_path("namespace", s)?;
-            if HeaderValue::from_str(&ns).is_err() {
+            // It is sent as a header value (where reqwest would also let Latin-1 bytes through).
+            if !ns.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
                 return Err(invalid("option \"namespace\" must be printable ASCII"));
             }
             Some(ns)
@@ -196,8 +198,18 @@ fn scrub(msg: &str, secret: &str) -> String {
 /// Describe a failed HTTP exchange: the cause found by walking the error's source chain
 /// (DNS failure, connection refused, TLS/certificate failure, timeout, ...) followed by
 /// the chain's messages. Holds no header value, so never the token.
-pub fn describe_reqwest_error(err: &reqwest::Error) -> String {
+fn describe_reqwest_error(err: &reqwest::Error) -> String {
     describe_error_chain(err)
+}
+
+/// `e` followed by the errors nested in it through `io::Error::new` (tokio-rustls wraps a
+/// `rustls::Error` in an `io::Error`, itself wrapped again), which `source()` skips.
+fn wrapped_errors<'a>(e: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut layers = vec![e];
+    while let Some(inner) = layers.last().and_then(|l| l.downcast_ref::<io::Error>()).and_then(io::Error::get_ref) {
+        layers.push(inner);
+    }
+    layers
 }
 
 fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
@@ -206,13 +218,20 @@ fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut timeout = false;
     let mut current = Some(err);
     while let Some(e) = current {
-        let text = e.to_string();
+        let mut text = e.to_string();
         if let Some(r) = e.downcast_ref::<reqwest::Error>() {
             timeout |= r.is_timeout();
+            // Callers name the URL once; reqwest would repeat it at each level.
+            if let Some(url) = r.url() {
+                text = text.replace(&format!(" for url ({url})"), "");
+            }
         }
-        // tokio-rustls wraps rustls errors in an io::Error, whose `source()` skips them.
-        let io = e.downcast_ref::<io::Error>();
-        let tls = e.downcast_ref::<rustls::Error>().or_else(|| io?.get_ref()?.downcast_ref::<rustls::Error>());
+        let layers = wrapped_errors(e);
+        let tls = layers.iter().find_map(|l| l.downcast_ref::<rustls::Error>());
+        let io_kind = layers
+            .iter()
+            .filter_map(|l| l.downcast_ref::<io::Error>().map(io::Error::kind))
+            .find(|k| *k != io::ErrorKind::Other);
         if let Some(tls) = tls {
             cause = Some(match tls {
                 rustls::Error::InvalidCertificate(c) => format!(
@@ -222,12 +241,12 @@ fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
                 other => format!("TLS handshake failed ({other})"),
             });
         } else if cause.is_none() {
-            cause = match io.map(io::Error::kind) {
+            timeout |= io_kind == Some(io::ErrorKind::TimedOut);
+            cause = match io_kind {
                 Some(io::ErrorKind::ConnectionRefused) => Some("connection refused".into()),
                 Some(io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) => {
                     Some("connection reset by the server".into())
                 }
-                Some(io::ErrorKind::TimedOut) => Some("timed out".into()),
                 _ if text.starts_with("dns error") || text.contains("failed to lookup address") => {
                     Some("could not resolve the host name (DNS failure)".into())
                 }
@@ -239,7 +258,7 @@ fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
         }
         current = e.source();
     }
-    if timeout && cause.as_deref().is_none_or(|c| c != "timed out") {
+    if timeout && cause.is_none() {
         cause = Some(format!(
             "timed out (connect timeout {} s, request timeout {} s)",
             CONNECT_TIMEOUT.as_secs(),
@@ -578,15 +597,16 @@ impl KeyProvider for VaultV2Provider {
     fn check(&self) -> Result<()> {
         let url = format!("{}/v1/sys/mounts/{}", self.opts.url, encode_path(&self.opts.mount_path));
         let (status, body) = self.send(self.client.get(&url), &url)?;
+        // Vault answers 400 "No secret engine mount at ..."; other servers may say 404.
+        let server = server_text(&body);
+        if status == StatusCode::NOT_FOUND
+            || (status == StatusCode::BAD_REQUEST && server.to_ascii_lowercase().contains("secret engine mount"))
+        {
+            return Err(self.error(format_args!("the mount does not exist (\"{url}\" answered {status}: {server})")));
+        }
         match status {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN => return self.check_via_config(),
-            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND => {
-                return Err(self.error(format_args!(
-                    "the mount does not exist (\"{url}\" answered {status}: {})",
-                    server_text(&body)
-                )))
-            }
             _ => return Err(self.status_error(&url, status, &body)),
         }
         let v: Value = serde_json::from_slice(&body)
@@ -597,10 +617,13 @@ impl KeyProvider for VaultV2Provider {
         let version = mount.pointer("/options/version").and_then(Value::as_str);
         match (kind, version) {
             (Some("kv"), Some("2")) => Ok(()),
-            (Some(kind), version) => Err(self.error(format_args!(
-                "the mount is not a KV version 2 secrets engine (type \"{kind}\", version {})",
+            (Some("kv"), version) => Err(self.error(format_args!(
+                "the mount is not a KV version 2 secrets engine (it is KV version {})",
                 version.map_or_else(|| "1".to_string(), |v| format!("\"{v}\""))
             ))),
+            (Some(kind), _) => {
+                Err(self.error(format_args!("the mount is not a KV version 2 secrets engine (type \"{kind}\")")))
+            }
             (None, _) => Err(self.error(format_args!(
                 "unexpected response from \"{url}\": no mount \"type\" (is this a Vault or OpenBao server?)"
             ))),
@@ -921,9 +944,9 @@ mod tests {
         assert!(m.contains("not a KV version 2 secret") && !m.contains("5678"), "{m}");
         assert!(get("d").contains("not a KV version 2 secret"));
         let m = provider_err(p.check());
-        assert!(m.contains("not a KV version 2 secrets engine") && m.contains("version \"1\""), "{m}");
+        assert!(m.contains("not a KV version 2 secrets engine (it is KV version \"1\")"), "{m}");
         let m = provider_err(p.check());
-        assert!(m.contains("type \"generic\", version 1"), "{m}");
+        assert!(m.contains("not a KV version 2 secrets engine (type \"generic\")"), "{m}");
         assert!(provider_err(p.check()).contains("no mount \"type\""));
         let m = provider_err(p.check());
         assert!(m.contains("does not exist") && m.contains("No secret engine mount"), "{m}");
@@ -976,5 +999,56 @@ mod tests {
         assert!(matches!(p.get_key(""), Err(TdeError::Invalid(_))));
         assert!(matches!(p.get_key("a/../b"), Err(TdeError::Invalid(_))));
         assert!(matches!(p.create_key("k", 20), Err(TdeError::Invalid(_))));
+    }
+
+    #[test]
+    fn error_chains_are_classified() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<io::Error>);
+        impl fmt::Display for Layer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl StdError for Layer {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                self.1.as_ref().map(|e| e as _)
+            }
+        }
+        // tokio-rustls: io::Error(Other, io::Error(InvalidData, rustls::Error))
+        let cert = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let tls =
+            Layer("client error (Connect)", Some(io::Error::other(io::Error::new(io::ErrorKind::InvalidData, cert))));
+        let m = describe_error_chain(&tls);
+        assert!(m.starts_with("TLS certificate verification failed (UnknownIssuer)") && m.contains("caPath"), "{m}");
+        let other_tls = rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType);
+        let m = describe_error_chain(&Layer("x", Some(io::Error::other(other_tls))));
+        assert!(m.starts_with("TLS handshake failed"), "{m}");
+        let refused = Layer("tcp connect error", Some(io::Error::from(io::ErrorKind::ConnectionRefused)));
+        assert!(describe_error_chain(&refused).starts_with("connection refused (tcp connect error: "));
+        let dns = Layer("dns error", Some(io::Error::other("failed to lookup address information")));
+        assert!(describe_error_chain(&dns).starts_with("could not resolve the host name"));
+        let timeout = Layer("x", Some(io::Error::from(io::ErrorKind::TimedOut)));
+        assert!(describe_error_chain(&timeout).starts_with("timed out ("));
+        // nothing recognised: the chain alone, repeated texts once
+        let plain = Layer("outer: inner", Some(io::Error::other("inner")));
+        assert_eq!(describe_error_chain(&plain), "outer: inner");
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        // Accepts TCP connections (the kernel does, from the backlog) but never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = token_file(b"tok");
+        let p = provider(&format!("https://{}", listener.local_addr().unwrap()), &t, None);
+        let started = std::time::Instant::now();
+        let m = p.check().unwrap_err().to_string();
+        let elapsed = started.elapsed();
+        assert!(m.contains("timed out"), "{m}");
+        assert!(
+            elapsed >= CONNECT_TIMEOUT - Duration::from_millis(100)
+                && elapsed < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "{elapsed:?}"
+        );
     }
 }
