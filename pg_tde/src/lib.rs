@@ -14,6 +14,7 @@
 //!   which new relation files are encrypted;
 //! - [`rmgr`]: the WAL resource manager that makes key changes crash-safe and
 //!   replicated;
+//! - [`wal`]: WAL encryption through the core patch's WAL segment hooks;
 //! - [`api`]: the SQL functions.
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -29,6 +30,7 @@ mod keys;
 mod rmgr;
 mod smgr;
 mod tests;
+mod wal;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -55,6 +57,7 @@ pub extern "C-unwind" fn _PG_init() {
     smgr::init();
     rmgr::init();
     hooks::init();
+    wal::init();
 }
 
 /// Required by `cargo pgrx test`.

@@ -131,7 +131,13 @@ mod tests {
     use super::*;
 
     fn key(start: u64, b: u8) -> WalKey {
-        WalKey { start_lsn: start, end_lsn: u64::MAX, created_unix_secs: 1, key: Zeroizing::new(vec![b; 16]), base: [b; 16] }
+        WalKey {
+            start_lsn: start,
+            end_lsn: u64::MAX,
+            created_unix_secs: 1,
+            key: Zeroizing::new(vec![b; 16]),
+            base: [b; 16],
+        }
     }
 
     #[test]
