@@ -20,7 +20,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "unit tests of the pgrx-free core and the tools (with real OpenBao and PyKMIP servers)"
 cargo test -p tde-core -p tde-tools --locked
 cargo build -p tde-tools --locked
-export PG_TDE_BIN=$CARGO_TARGET_DIR/debug
+# The tools live beside pg_waldump & co (archive_command runs them as the server's user).
+install -m 755 "$CARGO_TARGET_DIR"/debug/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt} "$PG_PREFIX/bin/"
+export PG_TDE_BIN=$PG_PREFIX/bin
 
 log "installing the extension into $PG_PREFIX"
 (cd pg_tde && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)

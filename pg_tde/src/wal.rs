@@ -99,7 +99,7 @@ fn server_key() -> Result<zeroize::Zeroizing<Vec<u8>>> {
 thread_local! {
     /// This process's current write key: (serial, cipher).
     static WRITE_KEY: RefCell<Option<(u64, Arc<WalCipher>)>> = const { RefCell::new(None) };
-    /// All WAL keys, for reading: (generation loaded, ranges).
+    /// All WAL keys, for reading: (generation and file length loaded, ranges).
     static READ_KEYS: RefCell<Option<(u64, Vec<(u64, u64, Arc<WalCipher>)>)>> = const { RefCell::new(None) };
 }
 
@@ -142,7 +142,10 @@ fn write_cipher(slot_no: usize, startptr: u64) -> Result<Arc<WalCipher>> {
 
 /// The key a WAL page at `lsn` was written with.
 fn read_cipher(lsn: u64) -> Result<Arc<WalCipher>> {
-    let generation = WAL_SHARED.share().generation;
+    // The key file also grows outside the server (pg_tde_restore_encrypt adds
+    // a key per restored segment): its length is part of the cache key.
+    let file_len = std::fs::metadata(wal_keys_path()).map(|m| m.len()).unwrap_or(0);
+    let generation = WAL_SHARED.share().generation ^ (file_len << 20);
     READ_KEYS.with(|cell| {
         let mut cached = cell.borrow_mut();
         let find = |keys: &Vec<(u64, u64, Arc<WalCipher>)>| {

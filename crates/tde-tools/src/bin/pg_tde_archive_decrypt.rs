@@ -1,0 +1,54 @@
+//! `pg_tde_archive_decrypt`: an `archive_command` wrapper that hands the real
+//! archive command a decrypted copy of the segment, so that archives and
+//! backup tools (pgBackRest, Barman, ...) store WAL they can read.
+//!
+//! ```text
+//! archive_command = 'pg_tde_archive_decrypt %f %p "cp %%p /archive/%%f"'
+//! ```
+//! In the wrapped command `%p` is the decrypted copy's path and `%f` the file
+//! name.  Runs in the data directory (or `-D DATADIR`).  The archive then holds
+//! plaintext WAL: protect it accordingly, or encrypt it in the archive tool.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tde_tools::{data_dir, decrypt_segment, parse_segment_name, run_shell, segment_size_of, server_key, WalKeyring};
+
+fn run(argv: &[String]) -> Result<(), String> {
+    let (datadir, rest) = match argv {
+        [d, dir, rest @ ..] if d == "-D" => (Some(PathBuf::from(dir)), rest),
+        rest => (None, rest),
+    };
+    let [fname, path, command] = rest else {
+        return Err("usage: pg_tde_archive_decrypt [-D DATADIR] %f %p \"COMMAND with %p and %f\"".into());
+    };
+    let datadir = data_dir(datadir);
+    let src = datadir.join(path);
+    let mut data = std::fs::read(&src).map_err(|e| format!("cannot read \"{}\": {e}", src.display()))?;
+    // Only segments carry WAL pages; history and backup-label files are copied as they are.
+    let seg_size = segment_size_of(data.len() as u64);
+    if let Ok((_, segno)) = parse_segment_name(fname, seg_size) {
+        let sk = server_key(&datadir)?;
+        let keys = WalKeyring::load(&datadir, &sk)?;
+        decrypt_segment(&mut data, segno, seg_size, &keys)?;
+    }
+    let tmpdir = datadir.join("pg_tde");
+    let tmp = tmpdir.join(format!("archive.{}.{fname}", std::process::id()));
+    std::fs::write(&tmp, &data).map_err(|e| format!("cannot write \"{}\": {e}", tmp.display()))?;
+    let cmd = command.replace("%p", &tmp.display().to_string()).replace("%f", fname);
+    let result = run_shell(&cmd);
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match run(&argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pg_tde_archive_decrypt: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! `pg_tde_restore_encrypt`: a `restore_command` wrapper that runs the real
+//! restore command into a temporary file and stores the segment in `pg_wal`
+//! encrypted again, with a new WAL key valid for that segment only.
+//!
+//! ```text
+//! restore_command = 'pg_tde_restore_encrypt %f %p "cp /archive/%%f %%p"'
+//! ```
+//! In the wrapped command `%p` is the temporary path to restore into.  Runs in
+//! the data directory (or `-D DATADIR`).  Non-segment files (timeline history)
+//! are passed through unchanged.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tde_tools::{data_dir, encrypt_segment, parse_segment_name, run_shell, segment_size_of, server_key};
+
+fn run(argv: &[String]) -> Result<(), String> {
+    let (datadir, rest) = match argv {
+        [d, dir, rest @ ..] if d == "-D" => (Some(PathBuf::from(dir)), rest),
+        rest => (None, rest),
+    };
+    let [fname, path, command] = rest else {
+        return Err("usage: pg_tde_restore_encrypt [-D DATADIR] %f %p \"COMMAND restoring %f into %p\"".into());
+    };
+    let datadir = data_dir(datadir);
+    let tmp = datadir.join("pg_tde").join(format!("restore.{}.{fname}", std::process::id()));
+    let cmd = command.replace("%p", &tmp.display().to_string()).replace("%f", fname);
+    run_shell(&cmd)?;
+    let mut data = std::fs::read(&tmp).map_err(|e| format!("cannot read \"{}\": {e}", tmp.display()));
+    let _ = std::fs::remove_file(&tmp);
+    let data = data.as_mut().map_err(|e| e.clone())?;
+    let seg_size = segment_size_of(data.len() as u64);
+    if let Ok((_, segno)) = parse_segment_name(fname, seg_size) {
+        let sk = server_key(&datadir)?;
+        encrypt_segment(data, segno, seg_size, &datadir, &sk)?;
+    }
+    let dst = datadir.join(path);
+    std::fs::write(&dst, &data).map_err(|e| format!("cannot write \"{}\": {e}", dst.display()))
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match run(&argv) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pg_tde_restore_encrypt: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

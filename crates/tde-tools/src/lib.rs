@@ -1,0 +1,152 @@
+//! Shared code of pg_tde's command-line tools: reading a data directory's
+//! pg_tde files (server key, WAL keys) and transforming WAL segment files.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tde_core::keymap;
+use tde_core::providers_catalog::{open_provider, ProviderCatalog};
+use tde_core::wal::{self, WalCipher, HEADER_PREFIX};
+use tde_core::walkeys::{self, WalKey};
+use zeroize::Zeroizing;
+
+/// WAL segment size assumed when a segment file's size does not tell.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
+
+/// A data directory from `-D`, else `$PGDATA`, else the working directory
+/// (archive and restore commands run in the data directory).
+pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("PGDATA").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The server key of a data directory, fetched from its provider.
+pub fn server_key(datadir: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    let tde = datadir.join("pg_tde");
+    let (header, _) = keymap::read(&tde.join("server_key")).map_err(|e| format!("no usable server key: {e}"))?;
+    let catalog = ProviderCatalog::load(&tde.join("providers.json")).map_err(|e| e.to_string())?;
+    let rec = catalog
+        .by_id(header.principal.provider_id)
+        .ok_or_else(|| format!("key provider {} of the server key does not exist", header.principal.provider_id))?;
+    let provider = open_provider(rec).map_err(|e| e.to_string())?;
+    let key = provider.get_key(&header.principal.name).map_err(|e| e.to_string())?.ok_or_else(|| {
+        format!("server key \"{}\" not found in key provider \"{}\"", header.principal.name, rec.name)
+    })?;
+    header
+        .verify_principal(&key.key)
+        .map_err(|_| "the server key in the provider differs from the key in use".to_string())?;
+    Ok(key.key)
+}
+
+/// The WAL keys of a data directory.
+pub struct WalKeyring {
+    keys: Vec<(u64, u64, Arc<WalCipher>)>,
+}
+
+impl WalKeyring {
+    pub fn load(datadir: &Path, server_key: &[u8]) -> Result<Self, String> {
+        let keys = walkeys::read_all(&datadir.join("pg_tde/wal_keys"), server_key)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|k| {
+                Ok((k.start_lsn, k.end_lsn, Arc::new(WalCipher::new(&k.key, &k.base).map_err(|e| e.to_string())?)))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(WalKeyring { keys })
+    }
+
+    fn cipher_for(&self, lsn: u64) -> tde_core::Result<Arc<WalCipher>> {
+        self.keys.iter().rev().find(|(s, e, _)| *s <= lsn && lsn < *e).map(|(_, _, c)| c.clone()).ok_or_else(|| {
+            tde_core::TdeError::NotFound(format!("no WAL key covers LSN {:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff))
+        })
+    }
+}
+
+/// Segment number and timeline from a WAL segment file name
+/// (`TTTTTTTTXXXXXXXXYYYYYYYY`, possibly with a `.partial` suffix).
+pub fn parse_segment_name(name: &str, seg_size: u64) -> Result<(u32, u64), String> {
+    let base = name.strip_suffix(".partial").unwrap_or(name);
+    if base.len() != 24 || !base.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("\"{name}\" is not a WAL segment file name"));
+    }
+    let hex = |s: &str| u64::from_str_radix(s, 16).map_err(|e| e.to_string());
+    let tli = hex(&base[0..8])? as u32;
+    let log = hex(&base[8..16])?;
+    let seg = hex(&base[16..24])?;
+    let per_log = 0x1_0000_0000u64 / seg_size;
+    Ok((tli, log * per_log + seg))
+}
+
+/// Decrypt a whole WAL segment in memory (pages that are not encrypted are left as they are).
+pub fn decrypt_segment(data: &mut [u8], segno: u64, seg_size: u64, keys: &WalKeyring) -> Result<(), String> {
+    let start = segno * seg_size;
+    wal::decrypt_after_read(data, start, &mut |lsn| keys.cipher_for(lsn), &mut |_| Ok([0u8; HEADER_PREFIX]))
+        .map_err(|e| e.to_string())
+}
+
+/// Encrypt a whole plaintext WAL segment with a new key valid for exactly this
+/// segment's LSN range, recorded in the data directory's WAL key file first.
+pub fn encrypt_segment(
+    data: &mut [u8],
+    segno: u64,
+    seg_size: u64,
+    datadir: &Path,
+    server_key: &[u8],
+) -> Result<(), String> {
+    let start = segno * seg_size;
+    let (key, base) = wal::generate_key(server_key.len().min(32).max(16)).map_err(|e| e.to_string())?;
+    let record = WalKey { start_lsn: start, end_lsn: start + seg_size, created_unix_secs: now(), key, base };
+    walkeys::append(&datadir.join("pg_tde/wal_keys"), server_key, &record).map_err(|e| e.to_string())?;
+    let cipher = WalCipher::new(&record.key, &record.base).map_err(|e| e.to_string())?;
+    // Only pages with a valid header are WAL; leave empty (zero) pages as they are.
+    let end = start + data.len() as u64;
+    let mut page = start;
+    while page < end {
+        let off = (page - start) as usize;
+        let len = (wal::WAL_PAGE_SIZE as usize).min(data.len() - off);
+        let magic = u16::from_le_bytes([data[off], data[off + 1]]);
+        if magic != 0 {
+            let chunk = &mut data[off..off + len];
+            wal::encrypt_for_write(chunk, page, page + len as u64, &cipher, &mut |_| Ok([0u8; HEADER_PREFIX]))
+                .map_err(|e| e.to_string())?;
+        }
+        page += wal::WAL_PAGE_SIZE;
+    }
+    Ok(())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Segment size of a WAL file from its length (complete segments) or the default.
+pub fn segment_size_of(len: u64) -> u64 {
+    if len.is_power_of_two() && len >= 1024 * 1024 {
+        len
+    } else {
+        DEFAULT_SEGMENT_SIZE
+    }
+}
+
+/// Run a shell command (archive/restore commands are shell strings).
+pub fn run_shell(cmd: &str) -> Result<(), String> {
+    let status = std::process::Command::new("/bin/sh").arg("-c").arg(cmd).status().map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("command \"{cmd}\" failed: {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(parse_segment_name("000000010000000000000003", DEFAULT_SEGMENT_SIZE).unwrap(), (1, 3));
+        assert_eq!(parse_segment_name("0000000200000001000000FF", DEFAULT_SEGMENT_SIZE).unwrap(), (2, 256 + 255));
+        assert_eq!(parse_segment_name("000000020000000000000004.partial", DEFAULT_SEGMENT_SIZE).unwrap(), (2, 4));
+        assert!(parse_segment_name("00000002.history", DEFAULT_SEGMENT_SIZE).is_err());
+    }
+}
