@@ -146,7 +146,17 @@ def make_leaf(directory: Path, name: str, ca: str, cn: str, extensions: str) -> 
         give_to_server(directory / f)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, grace: float = 0) -> None:
+    """Kill a server's process group.  With `grace`, SIGTERM the server first so
+    that it reaps its own children (PyKMIP's policy monitor is a child process:
+    killed together with its parent it would stay a zombie, as PID 1 here may
+    not reap orphans)."""
+    if grace and proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -392,11 +402,11 @@ class PyKmip:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _kill_group(self.proc)
+            _kill_group(self.proc, grace=15)
             self.proc = None
 
     def restart(self) -> None:
-        """Kill the server and start it again on the same port, with the same keys."""
+        """Stop the server and start it again on the same port, with the same keys."""
         self.stop()
         self.start(self.port)
 
