@@ -25,6 +25,8 @@ install -m 755 "$CARGO_TARGET_DIR"/debug/pg_tde_{change_key_provider,decrypt_wal
 export PG_TDE_BIN=$PG_PREFIX/bin
 
 log "installing the extension into $PG_PREFIX"
+# Unlink first: servers still running keep the old file, instead of crashing on an overwrite.
+rm -f "$PG_PREFIX/lib/postgresql/pg_tde.so"
 (cd pg_tde && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
 
 log "in-backend tests (cargo pgrx test)"

@@ -17,14 +17,13 @@
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, GucSetting};
-use tde_core::wal::{self, WalCipher, HEADER_PREFIX};
-use tde_core::walkeys::{self, WalKey};
+use tde_core::wal::{self, HEADER_PREFIX};
+use tde_core::walkeys::{self, KeyRanges, WalKey};
 use tde_core::{Result, TdeError};
 
 use crate::errors;
@@ -36,16 +35,16 @@ fn wal_keys_path() -> PathBuf {
     PathBuf::from(format!("{}/wal_keys", keys::KEY_DIR))
 }
 
-/// The current write key of one writer role, in shared memory.
+/// What one writer role of this server incarnation writes with.
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
 struct WalSlot {
+    /// A key record was appended for this role since the server started.
     valid: bool,
-    /// Generation at which the key was created: identifies it.
-    serial: u64,
-    key_len: u8,
-    key: [u8; 32],
-    base: [u8; 16],
+    /// The record is a null key (wal_encrypt off): plaintext from `start` on.
+    null: bool,
+    /// First LSN the record covers.
+    start: u64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -97,77 +96,95 @@ fn server_key() -> Result<zeroize::Zeroizing<Vec<u8>>> {
 }
 
 thread_local! {
-    /// This process's current write key: (serial, cipher).
-    static WRITE_KEY: RefCell<Option<(u64, Arc<WalCipher>)>> = const { RefCell::new(None) };
-    /// All WAL keys, for reading: (generation and file length loaded, ranges).
-    static READ_KEYS: RefCell<Option<(u64, Vec<(u64, u64, Arc<WalCipher>)>)>> = const { RefCell::new(None) };
+    /// All WAL keys: (cache key, ranges).
+    static KEYS: RefCell<Option<(u64, KeyRanges)>> = const { RefCell::new(None) };
 }
 
-/// The key the calling process writes WAL with, created on first use.
-fn write_cipher(slot_no: usize, startptr: u64) -> Result<Arc<WalCipher>> {
-    let mut shared = WAL_SHARED.exclusive();
-    if !shared.slots[slot_no].valid {
-        let sk = server_key()?;
-        let len = if crate::gucs::cipher().principal_key_len() == 32 { 32 } else { 16 };
-        let (key, base) = wal::generate_key(len)?;
-        let start = startptr - startptr % wal::WAL_PAGE_SIZE;
-        let created =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let record = WalKey { start_lsn: start, end_lsn: u64::MAX, created_unix_secs: created, key, base };
-        walkeys::append(&wal_keys_path(), &sk, &record)?;
-        shared.generation += 1;
-        let serial = shared.generation;
-        let slot = &mut shared.slots[slot_no];
-        slot.valid = true;
-        slot.serial = serial;
-        slot.key_len = len as u8;
-        slot.key = [0; 32];
-        slot.key[..len].copy_from_slice(&record.key);
-        slot.base = base;
+/// The WAL key ranges, reloaded when a key was added (by this server:
+/// `generation`; by pg_tde_restore_encrypt: the file's length).
+fn key_ranges(with_file_len: bool) -> Result<KeyRanges> {
+    let mut stamp = WAL_SHARED.share().generation;
+    if with_file_len {
+        stamp ^= std::fs::metadata(wal_keys_path()).map(|m| m.len()).unwrap_or(0) << 20;
     }
-    let slot = shared.slots[slot_no];
-    drop(shared);
-    WRITE_KEY.with(|cell| {
+    KEYS.with(|cell| {
         let mut cached = cell.borrow_mut();
-        if let Some((serial, c)) = cached.as_ref() {
-            if *serial == slot.serial {
-                return Ok(c.clone());
+        if let Some((s, k)) = cached.as_ref() {
+            if *s == stamp {
+                return Ok(k.clone());
             }
         }
-        let c = Arc::new(WalCipher::new(&slot.key[..slot.key_len as usize], &slot.base)?);
-        *cached = Some((slot.serial, c.clone()));
-        Ok(c)
+        let path = wal_keys_path();
+        let ranges = if path.exists() {
+            KeyRanges::from_keys(&walkeys::read_all(&path, &server_key()?)?)?
+        } else {
+            KeyRanges::default()
+        };
+        *cached = Some((stamp, ranges.clone()));
+        Ok(ranges)
     })
 }
 
-/// The key a WAL page at `lsn` was written with.
-fn read_cipher(lsn: u64) -> Result<Arc<WalCipher>> {
-    // The key file also grows outside the server (pg_tde_restore_encrypt adds
-    // a key per restored segment): its length is part of the cache key.
-    let file_len = std::fs::metadata(wal_keys_path()).map(|m| m.len()).unwrap_or(0);
-    let generation = WAL_SHARED.share().generation ^ (file_len << 20);
-    READ_KEYS.with(|cell| {
-        let mut cached = cell.borrow_mut();
-        let find = |keys: &Vec<(u64, u64, Arc<WalCipher>)>| {
-            keys.iter().rev().find(|(s, e, _)| *s <= lsn && lsn < *e).map(|(_, _, c)| c.clone())
-        };
-        if let Some((g, keys)) = cached.as_ref() {
-            if *g == generation {
-                if let Some(c) = find(keys) {
-                    return Ok(c);
-                }
-            }
+fn forget_key_ranges() {
+    KEYS.with(|cell| *cell.borrow_mut() = None);
+}
+
+/// Where the new data of the first write of this incarnation begins: the first
+/// byte of the write that differs from what the file already holds (decrypted).
+/// XLogWrite's first write rewrites the previous run's last, partly filled
+/// page; its durable prefix must keep its bytes, so the new key starts after it.
+fn first_new_byte(fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> u64 {
+    let n = buf.len().min(wal::WAL_PAGE_SIZE as usize - (startptr % wal::WAL_PAGE_SIZE) as usize);
+    let mut disk = vec![0u8; n];
+    // SAFETY: pread into a local buffer of length n.
+    let got = unsafe { libc::pread(fd, disk.as_mut_ptr().cast(), n, offset) };
+    if got != n as isize {
+        return startptr;
+    }
+    let Ok(keys) = key_ranges(false) else { return startptr };
+    if wal::decrypt_after_read(&mut disk, startptr, &keys, &mut |p| header_from_file(fd, offset, startptr, p)).is_err()
+    {
+        return startptr;
+    }
+    let same = disk.iter().zip(buf).take_while(|(a, b)| a == b).count();
+    startptr + same as u64
+}
+
+/// Make sure the calling role has its key record for this incarnation;
+/// returns the slot.
+fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> Result<WalSlot> {
+    {
+        let shared = WAL_SHARED.share();
+        if shared.slots[role].valid {
+            return Ok(shared.slots[role]);
         }
-        let sk = server_key()?;
-        let loaded = walkeys::read_all(&wal_keys_path(), &sk)?
-            .into_iter()
-            .map(|k| Ok((k.start_lsn, k.end_lsn, Arc::new(WalCipher::new(&k.key, &k.base)?))))
-            .collect::<Result<Vec<_>>>()?;
-        let found = find(&loaded);
-        *cached = Some((generation, loaded));
-        found
-            .ok_or_else(|| TdeError::NotFound(format!("no WAL key covers LSN {:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)))
-    })
+    }
+    // The WAL receiver writes only final data and rewrites whole segments from
+    // their start after a restart: its key starts where it starts writing.
+    // (Computed before taking the lock: it reads the key ranges, which share it.
+    // Each role writes from one process at a time, so nothing races us here.)
+    let start = if role == 1 { startptr } else { first_new_byte(fd, buf, offset, startptr) };
+    let sk = server_key()?;
+    let mut shared = WAL_SHARED.exclusive();
+    if shared.slots[role].valid {
+        return Ok(shared.slots[role]);
+    }
+    let created =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let (key, base) = if on {
+        let len = if crate::gucs::cipher().principal_key_len() == 32 { 32 } else { 16 };
+        wal::generate_key(len)?
+    } else {
+        (zeroize::Zeroizing::new(Vec::new()), [0u8; 16])
+    };
+    walkeys::append(
+        &wal_keys_path(),
+        &sk,
+        &WalKey { start_lsn: start, end_lsn: u64::MAX, created_unix_secs: created, key, base },
+    )?;
+    shared.generation += 1;
+    shared.slots[role] = WalSlot { valid: true, null: !on, start };
+    Ok(shared.slots[role])
 }
 
 /// Read the header prefix of the WAL page at `page_lsn` from `fd`, whose byte
@@ -194,6 +211,19 @@ fn is_wal_receiver() -> bool {
     unsafe { (&raw const pg_sys::MyBackendType).read() == pg_sys::BackendType::B_WAL_RECEIVER }
 }
 
+/// Whether this server ever encrypted WAL (its WAL key file exists).
+fn has_wal_keys() -> bool {
+    thread_local! {
+        static SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    SEEN.with(|seen| {
+        if !seen.get() && wal_keys_path().exists() {
+            seen.set(true);
+        }
+        seen.get()
+    })
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn wal_write(
     fd: c_int,
@@ -203,21 +233,34 @@ unsafe extern "C-unwind" fn wal_write(
     startptr: pg_sys::XLogRecPtr,
     validupto: pg_sys::XLogRecPtr,
 ) -> isize {
-    if !WAL_ENCRYPT.get() {
+    let on = WAL_ENCRYPT.get();
+    let role = usize::from(is_wal_receiver());
+    // Plaintext WAL on a server that never encrypted any, or received by a
+    // standby with encryption off: as stock PostgreSQL.
+    if !on && (role == 1 || !has_wal_keys()) {
         // SAFETY: the caller's buffer and file, as pg_pwrite would get them.
         return unsafe { libc::pwrite(fd, buf, nbytes, offset) };
     }
-    let slot = usize::from(is_wal_receiver());
-    let cipher = match write_cipher(slot, startptr) {
-        Ok(c) => c,
+    // SAFETY: the caller passes nbytes readable bytes at buf.
+    let data = unsafe { std::slice::from_raw_parts(buf as *const u8, nbytes) };
+    let slot = match ensure_slot(role, on, fd, data, offset, startptr) {
+        Ok(s) => s,
+        Err(e) => errors::raise(e),
+    };
+    if slot.null && startptr >= slot.start {
+        // Encryption switched off and past the last encrypted byte.
+        // SAFETY: as above.
+        return unsafe { libc::pwrite(fd, buf, nbytes, offset) };
+    }
+    let keys = match key_ranges(false) {
+        Ok(k) => k,
         Err(e) => errors::raise(e),
     };
     SCRATCH.with(|s| {
         let mut scratch = s.borrow_mut();
         scratch.clear();
-        // SAFETY: the caller passes nbytes readable bytes at buf.
-        scratch.extend_from_slice(unsafe { std::slice::from_raw_parts(buf as *const u8, nbytes) });
-        let result = wal::encrypt_for_write(&mut scratch, startptr, validupto, &cipher, &mut |page| {
+        scratch.extend_from_slice(data);
+        let result = wal::encrypt_for_write(&mut scratch, startptr, validupto, &keys, &mut |page| {
             header_from_file(fd, offset, startptr, page)
         });
         if let Err(e) = result {
@@ -238,10 +281,55 @@ unsafe extern "C-unwind" fn wal_read(
 ) {
     // SAFETY: the caller has just read nbytes bytes into buf.
     let data = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, nbytes) };
-    let result = wal::decrypt_after_read(data, startptr, &mut read_cipher, &mut |page| {
-        header_from_file(fd, offset, startptr, page)
-    });
+    // Most WAL of a server that never encrypted is plaintext: skip key loading
+    // unless a page is flagged.
+    let flagged = {
+        let mut any = false;
+        let mut page = startptr - startptr % wal::WAL_PAGE_SIZE;
+        while page < startptr + nbytes as u64 && !any {
+            any = match header_from_buf_or_file(data, fd, offset, startptr, page) {
+                Ok(p) => wal::page_is_flagged(&p),
+                Err(e) => errors::raise(e),
+            };
+            page += wal::WAL_PAGE_SIZE;
+        }
+        any
+    };
+    if !flagged {
+        return;
+    }
+    let original = data.to_vec();
+    let attempt = |data: &mut [u8]| -> Result<()> {
+        let keys = key_ranges(true)?;
+        wal::decrypt_after_read(data, startptr, &keys, &mut |page| header_from_file(fd, offset, startptr, page))
+    };
+    let result = match attempt(data) {
+        Err(TdeError::NotFound(_)) => {
+            // A key may have been added since we loaded them: reload once.
+            data.copy_from_slice(&original);
+            forget_key_ranges();
+            attempt(data)
+        }
+        other => other,
+    };
     if let Err(e) = result {
         errors::raise(e);
     }
+}
+
+/// The header prefix of the page at `page`: from the buffer if it holds it, else from the file.
+fn header_from_buf_or_file(
+    data: &[u8],
+    fd: c_int,
+    offset: i64,
+    startptr: u64,
+    page: u64,
+) -> Result<[u8; HEADER_PREFIX]> {
+    if page >= startptr && page + HEADER_PREFIX as u64 <= startptr + data.len() as u64 {
+        let o = (page - startptr) as usize;
+        let mut p = [0u8; HEADER_PREFIX];
+        p.copy_from_slice(&data[o..o + HEADER_PREFIX]);
+        return Ok(p);
+    }
+    header_from_file(fd, offset, startptr, page)
 }

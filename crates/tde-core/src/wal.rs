@@ -22,6 +22,7 @@ use aes::{Aes128, Aes256};
 use zeroize::Zeroizing;
 
 use crate::error::{Result, TdeError};
+use crate::walkeys::KeyRanges;
 
 /// WAL page size (XLOG_BLCKSZ).
 pub const WAL_PAGE_SIZE: u64 = 8192;
@@ -151,15 +152,45 @@ fn set_flag(buf: &mut [u8], start: u64, page: u64, on: bool) {
     }
 }
 
-/// Prepare WAL bytes `buf` (LSN `start ..`) for writing, in place: encrypt page
-/// bodies up to `valid_upto`, zero what lies after it, flag the page headers.
-/// `cipher_for(lsn)` gives the key for a page; `from_file` reads the header
-/// prefix of a page the buffer does not cover.
+/// XOR the keys of `keys` into the bytes `[from, to)` of a page begun on
+/// timeline `tli` (`buf` holds LSN `start ..`); bytes under a null key or no
+/// key are left as they are.
+fn apply_ranges(buf: &mut [u8], start: u64, from: u64, to: u64, tli: u32, keys: &KeyRanges) {
+    let mut lsn = from;
+    while lsn < to {
+        let (cipher, next) = keys.lookup(lsn);
+        let until = next.min(to);
+        if let Some(c) = cipher {
+            c.apply(tli, lsn, &mut buf[(lsn - start) as usize..(until - start) as usize]);
+        }
+        lsn = until;
+    }
+}
+
+/// Whether any byte of `[from, to)` falls under a (non-null) key.
+fn any_key(keys: &KeyRanges, from: u64, to: u64) -> bool {
+    let mut lsn = from;
+    while lsn < to {
+        let (cipher, next) = keys.lookup(lsn);
+        if cipher.is_some() {
+            return true;
+        }
+        lsn = next;
+    }
+    false
+}
+
+/// Prepare WAL bytes `buf` (LSN `start ..`) for writing, in place.  A page
+/// whose body falls (even partly) under a key is flagged; its bytes are
+/// encrypted with the key of their LSN up to `valid_upto`, and zeroed after it
+/// (they will be written again).  Pages wholly under null keys or no key are
+/// written as they are.  `from_file` reads the header prefix of a page the
+/// buffer does not cover.
 pub fn encrypt_for_write(
     buf: &mut [u8],
     start: u64,
     valid_upto: u64,
-    cipher: &WalCipher,
+    keys: &KeyRanges,
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
@@ -169,30 +200,32 @@ pub fn encrypt_for_write(
         let (info, tli) = header_fields(&prefix);
         let body = page + header_len(info);
         let page_end = page + WAL_PAGE_SIZE;
-        let enc_from = start.max(body);
-        let enc_to = end.min(valid_upto).min(page_end);
-        if enc_from < enc_to {
-            let s = &mut buf[(enc_from - start) as usize..(enc_to - start) as usize];
-            cipher.apply(tli, enc_from, s);
+        if any_key(keys, body, page_end) {
+            let enc_from = start.max(body);
+            let enc_to = end.min(valid_upto).min(page_end);
+            if enc_from < enc_to {
+                apply_ranges(buf, start, enc_from, enc_to, tli, keys);
+            }
+            let zero_from = start.max(body).max(valid_upto);
+            let zero_to = end.min(page_end);
+            if zero_from < zero_to {
+                buf[(zero_from - start) as usize..(zero_to - start) as usize].fill(0);
+            }
+            set_flag(buf, start, page, true);
         }
-        let zero_from = start.max(body).max(valid_upto);
-        let zero_to = end.min(page_end);
-        if zero_from < zero_to {
-            buf[(zero_from - start) as usize..(zero_to - start) as usize].fill(0);
-        }
-        set_flag(buf, start, page, true);
         page = page_end;
     }
     Ok(())
 }
 
 /// Decrypt, in place, WAL bytes `buf` (LSN `start ..`) just read from a
-/// segment: every page flagged as encrypted is decrypted with the key
-/// `cipher_for(page_lsn)` gives, and its flag cleared.
+/// segment: the bodies of flagged pages are decrypted with the keys of their
+/// LSNs and the flag cleared.  A flagged page with bytes no key covers is an
+/// error (`NotFound`: the caller may reload the keys and retry).
 pub fn decrypt_after_read(
     buf: &mut [u8],
     start: u64,
-    cipher_for: &mut dyn FnMut(u64) -> Result<std::sync::Arc<WalCipher>>,
+    keys: &KeyRanges,
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
@@ -202,17 +235,30 @@ pub fn decrypt_after_read(
         let (info, tli) = header_fields(&prefix);
         if info & XLP_TDE_ENCRYPTED != 0 {
             let body = page + header_len(info);
+            // A flagged page has at least one byte under a key; bytes under no
+            // key are the plaintext prefix written before encryption began.
+            if !any_key(keys, body, page + WAL_PAGE_SIZE) {
+                return Err(TdeError::NotFound(format!(
+                    "no WAL key covers the encrypted WAL page at {:X}/{:X}",
+                    page >> 32,
+                    page & 0xffff_ffff
+                )));
+            }
             let from = start.max(body);
             let to = end.min(page + WAL_PAGE_SIZE);
             if from < to {
-                let cipher = cipher_for(page)?;
-                cipher.apply(tli, from, &mut buf[(from - start) as usize..(to - start) as usize]);
+                apply_ranges(buf, start, from, to, tli, keys);
             }
             set_flag(buf, start, page, false);
         }
         page += WAL_PAGE_SIZE;
     }
     Ok(())
+}
+
+/// Whether the page at `page` (whose bytes from LSN `start` are in `buf`) is flagged.
+pub fn page_is_flagged(prefix: &[u8; HEADER_PREFIX]) -> bool {
+    header_fields(prefix).0 & XLP_TDE_ENCRYPTED != 0
 }
 
 /// Fresh random WAL key material: (key, counter base).
@@ -290,29 +336,36 @@ mod tests {
         p
     }
 
+    fn one_key(c: &std::sync::Arc<WalCipher>) -> KeyRanges {
+        let mut k = KeyRanges::default();
+        k.push(0, u64::MAX, Some(c.clone()));
+        k
+    }
+
     #[test]
     fn write_then_read_roundtrip_with_partial_tail() {
         let c = std::sync::Arc::new(WalCipher::new(&[5u8; 16], &[1u8; 16]).unwrap());
+        let keys = one_key(&c);
         let start = 16 * 1024 * 1024; // first page of a segment: long header
         let mut plain = page(start, 3, true, 0xAB);
         plain.extend(page(start + WAL_PAGE_SIZE, 3, false, 0xCD));
         let valid_upto = start + WAL_PAGE_SIZE + 1000;
         let mut disk = plain.clone();
-        encrypt_for_write(&mut disk, start, valid_upto, &c, &mut |_| panic!("header is in the buffer")).unwrap();
+        encrypt_for_write(&mut disk, start, valid_upto, &keys, &mut |_| panic!("header is in the buffer")).unwrap();
         // headers stay readable (flag set), bodies are not plaintext, the tail is zero
         assert_eq!(&disk[8..16], &plain[8..16]);
         assert_ne!(u16::from_le_bytes([disk[2], disk[3]]) & XLP_TDE_ENCRYPTED, 0);
         assert!(!disk[40..8192].windows(8).any(|w| w == [0xAB; 8]));
         assert!(disk[(valid_upto - start) as usize..].iter().all(|&b| b == 0));
         let mut back = disk.clone();
-        decrypt_after_read(&mut back, start, &mut |_| Ok(c.clone()), &mut |_| panic!("in buffer")).unwrap();
+        decrypt_after_read(&mut back, start, &keys, &mut |_| panic!("in buffer")).unwrap();
         let valid = (valid_upto - start) as usize;
         assert_eq!(back[..valid], plain[..valid]);
         assert_eq!(u16::from_le_bytes([back[2], back[3]]) & XLP_TDE_ENCRYPTED, 0);
         // a read starting mid-page gets the header from the file
         let mut part = disk[5000..9000].to_vec();
         let disk_ref = disk.clone();
-        decrypt_after_read(&mut part, start + 5000, &mut |_| Ok(c.clone()), &mut |p| {
+        decrypt_after_read(&mut part, start + 5000, &keys, &mut |p| {
             let o = (p - start) as usize;
             Ok(disk_ref[o..o + HEADER_PREFIX].try_into().unwrap())
         })
@@ -328,27 +381,88 @@ mod tests {
         let c = std::sync::Arc::new(WalCipher::new(&[5u8; 16], &[1u8; 16]).unwrap());
         let plain = page(8192, 1, false, 0x11);
         let mut buf = plain.clone();
-        decrypt_after_read(&mut buf, 8192, &mut |_| Ok(c.clone()), &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut buf, 8192, &one_key(&c), &mut |_| unreachable!()).unwrap();
         assert_eq!(buf, plain);
+    }
+
+    #[test]
+    fn keys_switch_mid_page_and_null_keys_leave_plaintext() {
+        let old = std::sync::Arc::new(WalCipher::new(&[1u8; 16], &[1u8; 16]).unwrap());
+        let new = std::sync::Arc::new(WalCipher::new(&[2u8; 16], &[2u8; 16]).unwrap());
+        let start = 5 * WAL_PAGE_SIZE;
+        let plain = page(start, 1, false, 0x77);
+        let boundary = start + 3000;
+        // Old run: only the old key, data final up to the boundary.
+        let mut first = plain.clone();
+        encrypt_for_write(&mut first, start, boundary, &one_key(&old), &mut |_| unreachable!()).unwrap();
+        // New run with a key starting exactly at the boundary: the prefix keeps its old bytes.
+        let mut keys = one_key(&old);
+        keys.push(boundary, u64::MAX, Some(new.clone()));
+        let mut second = plain.clone();
+        encrypt_for_write(&mut second, start, start + WAL_PAGE_SIZE, &keys, &mut |_| unreachable!()).unwrap();
+        assert_eq!(first[..3000], second[..3000], "a lost rewrite leaves the same prefix");
+        let mut back = second.clone();
+        decrypt_after_read(&mut back, start, &keys, &mut |_| unreachable!()).unwrap();
+        assert_eq!(back[24..], plain[24..]);
+        // Switching encryption off: a null key from the boundary on.
+        let mut off = one_key(&old);
+        off.push(boundary, u64::MAX, None);
+        let mut third = plain.clone();
+        encrypt_for_write(&mut third, start, start + WAL_PAGE_SIZE, &off, &mut |_| unreachable!()).unwrap();
+        assert_eq!(first[..3000], third[..3000], "the encrypted prefix stays encrypted");
+        assert_eq!(third[3000..], plain[3000..], "the rest is plaintext");
+        let mut back = third.clone();
+        decrypt_after_read(&mut back, start, &off, &mut |_| unreachable!()).unwrap();
+        assert_eq!(back[24..], plain[24..]);
+        // A page wholly under the null key is written as it is, unflagged.
+        let later = page(start + WAL_PAGE_SIZE, 1, false, 0x55);
+        let mut w = later.clone();
+        encrypt_for_write(&mut w, start + WAL_PAGE_SIZE, start + 2 * WAL_PAGE_SIZE, &off, &mut |_| unreachable!())
+            .unwrap();
+        assert_eq!(w, later);
+        // Reading a flagged page without its keys is an error, not garbage.
+        let none = KeyRanges::default();
+        assert!(matches!(
+            decrypt_after_read(&mut second.clone(), start, &none, &mut |_| unreachable!()),
+            Err(TdeError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn plaintext_prefix_before_the_first_key_reads_back() {
+        // Encryption switched on mid-page: the page is flagged, its prefix stays plaintext.
+        let k = std::sync::Arc::new(WalCipher::new(&[3u8; 16], &[3u8; 16]).unwrap());
+        let start = 9 * WAL_PAGE_SIZE;
+        let mut keys = KeyRanges::default();
+        keys.push(start + 2000, u64::MAX, Some(k));
+        let plain = page(start, 1, false, 0x31);
+        let mut disk = plain.clone();
+        encrypt_for_write(&mut disk, start, start + WAL_PAGE_SIZE, &keys, &mut |_| unreachable!()).unwrap();
+        assert_eq!(disk[24..2000], plain[24..2000]);
+        assert_ne!(disk[2000..2100], plain[2000..2100]);
+        let mut back = disk.clone();
+        decrypt_after_read(&mut back, start, &keys, &mut |_| unreachable!()).unwrap();
+        assert_eq!(back[24..], plain[24..]);
     }
 
     #[test]
     fn receiver_chunks_split_anywhere_match_one_write() {
         // The WAL receiver writes final data in arbitrary chunks, even inside a header.
         let c = std::sync::Arc::new(WalCipher::new(&[8u8; 32], &[2u8; 16]).unwrap());
+        let keys = one_key(&c);
         let start = 3 * WAL_PAGE_SIZE;
         let mut plain = page(start, 2, false, 0x42);
         plain.extend(page(start + WAL_PAGE_SIZE, 2, false, 0x43));
         let end = start + plain.len() as u64;
         let mut whole = plain.clone();
-        encrypt_for_write(&mut whole, start, end, &c, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut whole, start, end, &keys, &mut |_| unreachable!()).unwrap();
         let mut disk = vec![0u8; plain.len()];
         for cut in [[0usize, 10, 5000, 8195, 16384], [0, 3, 4, 8200, 16384]] {
             for w in cut.windows(2) {
                 let (a, b) = (w[0], w[1]);
                 let mut chunk = plain[a..b].to_vec();
                 let snapshot = disk.clone();
-                encrypt_for_write(&mut chunk, start + a as u64, end, &c, &mut |p| {
+                encrypt_for_write(&mut chunk, start + a as u64, end, &keys, &mut |p| {
                     let o = (p - start) as usize;
                     Ok(snapshot[o..o + HEADER_PREFIX].try_into().unwrap())
                 })

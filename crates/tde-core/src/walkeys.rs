@@ -46,10 +46,15 @@ fn aad(start_lsn: u64, end_lsn: u64) -> Vec<u8> {
 }
 
 /// Append a key (wrapped by `server_key`) to the file, creating it if needed.
+/// A key with empty material is a *null key*: WAL in its range is plaintext.
 pub fn append(path: &Path, server_key: &[u8], key: &WalKey) -> Result<()> {
-    let mut plain = Zeroizing::new(key.key.to_vec());
-    plain.extend_from_slice(&key.base);
-    let wrapped = wrap::wrap(server_key, &aad(key.start_lsn, key.end_lsn), &plain)?;
+    let wrapped = if key.key.is_empty() {
+        Vec::new()
+    } else {
+        let mut plain = Zeroizing::new(key.key.to_vec());
+        plain.extend_from_slice(&key.base);
+        wrap::wrap(server_key, &aad(key.start_lsn, key.end_lsn), &plain)?
+    };
     let mut rec = [0u8; RECORD_SIZE];
     rec[0..8].copy_from_slice(MAGIC);
     rec[8..16].copy_from_slice(&key.start_lsn.to_le_bytes());
@@ -109,6 +114,10 @@ pub fn read_all(path: &Path, server_key: &[u8]) -> Result<Vec<WalKey>> {
         if len > RECORD_SIZE - 40 {
             continue;
         }
+        if len == 0 {
+            keys.push(WalKey { start_lsn, end_lsn, created_unix_secs, key: Zeroizing::new(Vec::new()), base: [0; 16] });
+            continue;
+        }
         let plain = wrap::unwrap(server_key, &aad(start_lsn, end_lsn), &rec[36..36 + len])?;
         if plain.len() != 32 && plain.len() != 48 {
             return Err(TdeError::Corrupt(format!("WAL key file \"{}\": bad key length", path.display())));
@@ -121,9 +130,70 @@ pub fn read_all(path: &Path, server_key: &[u8]) -> Result<Vec<WalKey>> {
     Ok(keys)
 }
 
-/// Index of the key for a WAL page at `lsn`: the last-created key whose range holds it.
+/// Index of the key for WAL at `lsn`: the last-created key whose range holds it.
 pub fn key_index_for(keys: &[WalKey], lsn: u64) -> Option<usize> {
     keys.iter().rposition(|k| k.start_lsn <= lsn && lsn < k.end_lsn)
+}
+
+/// WAL keys ready for use: ranges in creation order, `None` for null keys.
+#[derive(Default, Clone)]
+pub struct KeyRanges {
+    ranges: Vec<(u64, u64, Option<std::sync::Arc<crate::wal::WalCipher>>)>,
+}
+
+impl KeyRanges {
+    pub fn from_keys(keys: &[WalKey]) -> Result<Self> {
+        let ranges = keys
+            .iter()
+            .map(|k| {
+                let c = if k.key.is_empty() {
+                    None
+                } else {
+                    Some(std::sync::Arc::new(crate::wal::WalCipher::new(&k.key, &k.base)?))
+                };
+                Ok((k.start_lsn, k.end_lsn, c))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KeyRanges { ranges })
+    }
+
+    pub fn push(&mut self, start: u64, end: u64, cipher: Option<std::sync::Arc<crate::wal::WalCipher>>) {
+        self.ranges.push((start, end, cipher));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The key for WAL at `lsn` (`None`: plaintext, or no key covers it) and
+    /// the next LSN at which the answer may change.
+    pub fn lookup(&self, lsn: u64) -> (Option<std::sync::Arc<crate::wal::WalCipher>>, u64) {
+        let idx = self.ranges.iter().rposition(|(s, e, _)| *s <= lsn && lsn < *e);
+        // The answer changes where the chosen range ends or a later-created range begins.
+        let (from, mut next, cipher) = match idx {
+            Some(i) => (i + 1, self.ranges[i].1, self.ranges[i].2.clone()),
+            None => (0, u64::MAX, None),
+        };
+        for (s, _, _) in &self.ranges[from..] {
+            if *s > lsn && *s < next {
+                next = *s;
+            }
+        }
+        if idx.is_none() {
+            // No range covers lsn: it may start being covered at any range start after it.
+            for (s, _, _) in &self.ranges {
+                if *s > lsn && *s < next {
+                    next = *s;
+                }
+            }
+        }
+        (cipher, next)
+    }
+
+    /// Whether any WAL key covers LSN `lsn` (a null key counts).
+    pub fn covers(&self, lsn: u64) -> bool {
+        self.ranges.iter().any(|(s, e, _)| *s <= lsn && lsn < *e)
+    }
 }
 
 #[cfg(test)]
@@ -173,5 +243,14 @@ mod tests {
         assert_eq!(key_index_for(&keys, 1600), Some(4));
         assert_eq!(key_index_for(&keys, 2000), Some(0));
         assert_eq!(key_index_for(&keys, 8000), Some(3));
+        // null keys: plaintext from their start on
+        append(&path, &sk, &WalKey { key: Zeroizing::new(Vec::new()), ..key(9000, 0) }).unwrap();
+        let keys = read_all(&path, &sk).unwrap();
+        let ranges = KeyRanges::from_keys(&keys).unwrap();
+        assert!(ranges.lookup(9500).0.is_none());
+        let (k, next) = ranges.lookup(8000);
+        assert!(k.is_some());
+        assert_eq!(next, 9000);
+        assert_eq!(ranges.lookup(1600).1, 2000);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tde_core::keymap;
 use tde_core::providers_catalog::{open_provider, ProviderCatalog};
 use tde_core::wal::{self, WalCipher, HEADER_PREFIX};
-use tde_core::walkeys::{self, WalKey};
+use tde_core::walkeys::{self, KeyRanges, WalKey};
 use zeroize::Zeroizing;
 
 /// WAL segment size assumed when a segment file's size does not tell.
@@ -40,25 +40,13 @@ pub fn server_key(datadir: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
 
 /// The WAL keys of a data directory.
 pub struct WalKeyring {
-    keys: Vec<(u64, u64, Arc<WalCipher>)>,
+    ranges: KeyRanges,
 }
 
 impl WalKeyring {
     pub fn load(datadir: &Path, server_key: &[u8]) -> Result<Self, String> {
-        let keys = walkeys::read_all(&datadir.join("pg_tde/wal_keys"), server_key)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|k| {
-                Ok((k.start_lsn, k.end_lsn, Arc::new(WalCipher::new(&k.key, &k.base).map_err(|e| e.to_string())?)))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        Ok(WalKeyring { keys })
-    }
-
-    fn cipher_for(&self, lsn: u64) -> tde_core::Result<Arc<WalCipher>> {
-        self.keys.iter().rev().find(|(s, e, _)| *s <= lsn && lsn < *e).map(|(_, _, c)| c.clone()).ok_or_else(|| {
-            tde_core::TdeError::NotFound(format!("no WAL key covers LSN {:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff))
-        })
+        let keys = walkeys::read_all(&datadir.join("pg_tde/wal_keys"), server_key).map_err(|e| e.to_string())?;
+        Ok(WalKeyring { ranges: KeyRanges::from_keys(&keys).map_err(|e| e.to_string())? })
     }
 }
 
@@ -80,8 +68,7 @@ pub fn parse_segment_name(name: &str, seg_size: u64) -> Result<(u32, u64), Strin
 /// Decrypt a whole WAL segment in memory (pages that are not encrypted are left as they are).
 pub fn decrypt_segment(data: &mut [u8], segno: u64, seg_size: u64, keys: &WalKeyring) -> Result<(), String> {
     let start = segno * seg_size;
-    wal::decrypt_after_read(data, start, &mut |lsn| keys.cipher_for(lsn), &mut |_| Ok([0u8; HEADER_PREFIX]))
-        .map_err(|e| e.to_string())
+    wal::decrypt_after_read(data, start, &keys.ranges, &mut |_| Ok([0u8; HEADER_PREFIX])).map_err(|e| e.to_string())
 }
 
 /// Encrypt a whole plaintext WAL segment with a new key valid for exactly this
@@ -97,7 +84,12 @@ pub fn encrypt_segment(
     let (key, base) = wal::generate_key(server_key.len().min(32).max(16)).map_err(|e| e.to_string())?;
     let record = WalKey { start_lsn: start, end_lsn: start + seg_size, created_unix_secs: now(), key, base };
     walkeys::append(&datadir.join("pg_tde/wal_keys"), server_key, &record).map_err(|e| e.to_string())?;
-    let cipher = WalCipher::new(&record.key, &record.base).map_err(|e| e.to_string())?;
+    let mut ranges = KeyRanges::default();
+    ranges.push(
+        start,
+        start + seg_size,
+        Some(Arc::new(WalCipher::new(&record.key, &record.base).map_err(|e| e.to_string())?)),
+    );
     // Only pages with a valid header are WAL; leave empty (zero) pages as they are.
     let end = start + data.len() as u64;
     let mut page = start;
@@ -107,7 +99,7 @@ pub fn encrypt_segment(
         let magic = u16::from_le_bytes([data[off], data[off + 1]]);
         if magic != 0 {
             let chunk = &mut data[off..off + len];
-            wal::encrypt_for_write(chunk, page, page + len as u64, &cipher, &mut |_| Ok([0u8; HEADER_PREFIX]))
+            wal::encrypt_for_write(chunk, page, page + len as u64, &ranges, &mut |_| Ok([0u8; HEADER_PREFIX]))
                 .map_err(|e| e.to_string())?;
         }
         page += wal::WAL_PAGE_SIZE;
