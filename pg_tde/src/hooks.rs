@@ -118,10 +118,12 @@ unsafe extern "C-unwind" fn tde_object_access(
         let tde = am::is_tde_heap(rel);
         pg_sys::RelationClose(rel);
         let relkind = form.relkind as u8;
+        // Internal creations (the transient table of a rewrite) are not checked.
+        let internal = !arg.is_null() && (*(arg as *mut pg_sys::ObjectAccessPostCreate)).is_internal;
         if (relkind == pg_sys::RELKIND_RELATION || relkind == pg_sys::RELKIND_MATVIEW)
             && !tde
+            && !internal
             && object_id.to_u32() >= FIRST_NORMAL_OBJECT_ID
-            && !(!arg.is_null() && (*(arg as *mut pg_sys::ObjectAccessPostCreate)).is_internal)
             && crate::gucs::ENFORCE_ENCRYPTION.get()
         {
             let name = std::ffi::CStr::from_ptr(form.relname.data.as_ptr()).to_string_lossy().into_owned();

@@ -81,7 +81,7 @@ pub fn encrypt_segment(
     server_key: &[u8],
 ) -> Result<(), String> {
     let start = segno * seg_size;
-    let (key, base) = wal::generate_key(server_key.len().min(32).max(16)).map_err(|e| e.to_string())?;
+    let (key, base) = wal::generate_key(if server_key.len() >= 32 { 32 } else { 16 }).map_err(|e| e.to_string())?;
     let record = WalKey { start_lsn: start, end_lsn: start + seg_size, created_unix_secs: now(), key, base };
     walkeys::append(&datadir.join("pg_tde/wal_keys"), server_key, &record).map_err(|e| e.to_string())?;
     let mut ranges = KeyRanges::default();
