@@ -453,34 +453,30 @@ fn corrupt(path: &Path, msg: impl std::fmt::Display) -> TdeError {
 
 /// Parse a whole file: the header, and one `Option<KeyMapEntry>` per slot (`None` = free).
 fn parse_file(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Option<KeyMapEntry>>)> {
-    if data.len() < HEADER_SIZE {
-        return Err(corrupt(
-            path,
-            format_args!("file is {} bytes, shorter than its {HEADER_SIZE}-byte header", data.len()),
-        ));
-    }
-    let (head, body) = data.split_at(HEADER_SIZE);
-    let header = parse_header(head).map_err(|m| corrupt(path, format_args!("header: {m}")))?;
-    let (records, tail) = body.as_chunks::<ENTRY_SIZE>();
-    if !tail.is_empty() {
-        return Err(corrupt(
-            path,
-            format_args!("{} trailing bytes after slot {} (truncated record)", tail.len(), records.len()),
-        ));
-    }
-    let mut seen = HashSet::with_capacity(records.len());
-    let mut slots = Vec::with_capacity(records.len());
-    for (i, rec) in records.iter().enumerate() {
-        let slot = parse_record(rec).map_err(|m| corrupt(path, format_args!("slot {i}: {m}")))?;
-        if let Some(entry) = &slot {
-            if !seen.insert((entry.spc_oid, entry.rel_number)) {
-                return Err(corrupt(
-                    path,
-                    format_args!("slot {i}: second entry for relation file {}/{}", entry.spc_oid, entry.rel_number),
-                ));
+    let (header, lenient) = parse_slots_lenient(path, data)?;
+    let records = (data.len() - HEADER_SIZE) / ENTRY_SIZE;
+    let mut seen = HashSet::with_capacity(lenient.len());
+    let mut slots = Vec::with_capacity(lenient.len());
+    for slot in lenient {
+        match slot {
+            Slot::Damaged(d) if d.slot == records => return Err(corrupt(path, d.reason)),
+            Slot::Damaged(d) => return Err(corrupt(path, format_args!("slot {}: {}", d.slot, d.reason))),
+            Slot::Free => slots.push(None),
+            Slot::Entry(entry) => {
+                if !seen.insert((entry.spc_oid, entry.rel_number)) {
+                    return Err(corrupt(
+                        path,
+                        format_args!(
+                            "slot {}: second entry for relation file {}/{}",
+                            slots.len(),
+                            entry.spc_oid,
+                            entry.rel_number
+                        ),
+                    ));
+                }
+                slots.push(Some(entry));
             }
         }
-        slots.push(slot);
     }
     Ok((header, slots))
 }
@@ -583,7 +579,7 @@ fn parse_slots_lenient(path: &Path, data: &[u8]) -> Result<(KeyMapHeader, Vec<Sl
             spc_oid: 0,
             rel_number: 0,
             plausible_identity: false,
-            reason: format!("{} trailing bytes (truncated record)", tail.len()),
+            reason: format!("{} trailing bytes after slot {} (truncated record)", tail.len(), records.len()),
         }));
     }
     Ok((header, slots))

@@ -120,6 +120,29 @@ pub fn segment_size_of(len: u64) -> u64 {
     }
 }
 
+/// Arguments of the archive/restore wrappers: `[-D DATADIR] %f %p COMMAND`.
+pub fn wrapper_args<'a>(argv: &'a [String], usage: &str) -> Result<(PathBuf, &'a str, &'a str, &'a str), String> {
+    let (datadir, rest) = match argv {
+        [d, dir, rest @ ..] if d == "-D" => (Some(PathBuf::from(dir)), rest),
+        rest => (None, rest),
+    };
+    match rest {
+        [fname, path, command] => Ok((data_dir(datadir), fname.as_str(), path.as_str(), command.as_str())),
+        _ => Err(usage.to_string()),
+    }
+}
+
+/// `main` of a tool: run, print the error on failure.
+pub fn exit_with(tool: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Run a shell command (archive/restore commands are shell strings).
 pub fn run_shell(cmd: &str) -> Result<(), String> {
     let status = std::process::Command::new("/bin/sh").arg("-c").arg(cmd).status().map_err(|e| e.to_string())?;

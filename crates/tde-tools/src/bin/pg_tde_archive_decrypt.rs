@@ -10,20 +10,15 @@
 //! plaintext WAL: protect it accordingly, or encrypt it in the archive tool.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tde_tools::{data_dir, decrypt_segment, parse_segment_name, run_shell, segment_size_of, server_key, WalKeyring};
+use tde_tools::{
+    decrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, server_key, wrapper_args, WalKeyring,
+};
 
 fn run(argv: &[String]) -> Result<(), String> {
-    let (datadir, rest) = match argv {
-        [d, dir, rest @ ..] if d == "-D" => (Some(PathBuf::from(dir)), rest),
-        rest => (None, rest),
-    };
-    let [fname, path, command] = rest else {
-        return Err("usage: pg_tde_archive_decrypt [-D DATADIR] %f %p \"COMMAND with %p and %f\"".into());
-    };
-    let datadir = data_dir(datadir);
+    let (datadir, fname, path, command) =
+        wrapper_args(argv, "usage: pg_tde_archive_decrypt [-D DATADIR] %f %p \"COMMAND with %p and %f\"")?;
     let src = datadir.join(path);
     let mut data = std::fs::read(&src).map_err(|e| format!("cannot read \"{}\": {e}", src.display()))?;
     // Only segments carry WAL pages; history and backup-label files are copied as they are.
@@ -44,11 +39,5 @@ fn run(argv: &[String]) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pg_tde_archive_decrypt: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with("pg_tde_archive_decrypt", run(&argv))
 }

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tde_tools::{data_dir, decrypt_segment, parse_segment_name, segment_size_of, server_key, WalKeyring};
+use tde_tools::{data_dir, decrypt_segment, exit_with, parse_segment_name, segment_size_of, server_key, WalKeyring};
 
 fn run(argv: &[String]) -> Result<(), String> {
     let mut datadir = None;
@@ -46,11 +46,5 @@ fn run(argv: &[String]) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pg_tde_decrypt_wal: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with("pg_tde_decrypt_wal", run(&argv))
 }

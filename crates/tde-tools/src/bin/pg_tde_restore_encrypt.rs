@@ -10,20 +10,13 @@
 //! are passed through unchanged.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tde_tools::{data_dir, encrypt_segment, parse_segment_name, run_shell, segment_size_of, server_key};
+use tde_tools::{encrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, server_key, wrapper_args};
 
 fn run(argv: &[String]) -> Result<(), String> {
-    let (datadir, rest) = match argv {
-        [d, dir, rest @ ..] if d == "-D" => (Some(PathBuf::from(dir)), rest),
-        rest => (None, rest),
-    };
-    let [fname, path, command] = rest else {
-        return Err("usage: pg_tde_restore_encrypt [-D DATADIR] %f %p \"COMMAND restoring %f into %p\"".into());
-    };
-    let datadir = data_dir(datadir);
+    let (datadir, fname, path, command) =
+        wrapper_args(argv, "usage: pg_tde_restore_encrypt [-D DATADIR] %f %p \"COMMAND restoring %f into %p\"")?;
     let tmp = datadir.join("pg_tde").join(format!("restore.{}.{fname}", std::process::id()));
     let cmd = command.replace("%p", &tmp.display().to_string()).replace("%f", fname);
     run_shell(&cmd)?;
@@ -41,11 +34,5 @@ fn run(argv: &[String]) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pg_tde_restore_encrypt: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_with("pg_tde_restore_encrypt", run(&argv))
 }
