@@ -283,20 +283,10 @@ unsafe extern "C-unwind" fn wal_read(
     let data = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, nbytes) };
     // Most WAL of a server that never encrypted is plaintext: skip key loading
     // unless a page is flagged.
-    let flagged = {
-        let mut any = false;
-        let mut page = startptr - startptr % wal::WAL_PAGE_SIZE;
-        while page < startptr + nbytes as u64 && !any {
-            any = match header_from_buf_or_file(data, fd, offset, startptr, page) {
-                Ok(p) => wal::page_is_flagged(&p),
-                Err(e) => errors::raise(e),
-            };
-            page += wal::WAL_PAGE_SIZE;
-        }
-        any
-    };
-    if !flagged {
-        return;
+    match wal::any_page_flagged(data, startptr, &mut |page| header_from_file(fd, offset, startptr, page)) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => errors::raise(e),
     }
     let original = data.to_vec();
     let attempt = |data: &mut [u8]| -> Result<()> {
@@ -315,21 +305,4 @@ unsafe extern "C-unwind" fn wal_read(
     if let Err(e) = result {
         errors::raise(e);
     }
-}
-
-/// The header prefix of the page at `page`: from the buffer if it holds it, else from the file.
-fn header_from_buf_or_file(
-    data: &[u8],
-    fd: c_int,
-    offset: i64,
-    startptr: u64,
-    page: u64,
-) -> Result<[u8; HEADER_PREFIX]> {
-    if page >= startptr && page + HEADER_PREFIX as u64 <= startptr + data.len() as u64 {
-        let o = (page - startptr) as usize;
-        let mut p = [0u8; HEADER_PREFIX];
-        p.copy_from_slice(&data[o..o + HEADER_PREFIX]);
-        return Ok(p);
-    }
-    header_from_file(fd, offset, startptr, page)
 }

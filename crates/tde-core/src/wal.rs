@@ -180,6 +180,40 @@ fn any_key(keys: &KeyRanges, from: u64, to: u64) -> bool {
     false
 }
 
+/// Walk the WAL pages that `buf` (LSN `start ..`) touches, calling
+/// `f(buf, page_lsn, xlp_info, xlp_tli)` for each; the header prefix comes from
+/// the buffer, or from `from_file` where the buffer does not cover it.
+fn for_each_page(
+    buf: &mut [u8],
+    start: u64,
+    from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
+    mut f: impl FnMut(&mut [u8], u64, u16, u32) -> Result<()>,
+) -> Result<()> {
+    let end = start + buf.len() as u64;
+    let mut page = start - start % WAL_PAGE_SIZE;
+    while page < end {
+        let (info, tli) = header_fields(&page_prefix(buf, start, page, from_file)?);
+        f(buf, page, info, tli)?;
+        page += WAL_PAGE_SIZE;
+    }
+    Ok(())
+}
+
+/// Whether any WAL page that `buf` (LSN `start ..`) touches is flagged as
+/// encrypted: readers of plaintext WAL need not load keys at all.
+pub fn any_page_flagged(
+    buf: &mut [u8],
+    start: u64,
+    from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
+) -> Result<bool> {
+    let mut flagged = false;
+    for_each_page(buf, start, from_file, |_, _, info, _| {
+        flagged |= info & XLP_TDE_ENCRYPTED != 0;
+        Ok(())
+    })?;
+    Ok(flagged)
+}
+
 /// Prepare WAL bytes `buf` (LSN `start ..`) for writing, in place.  A page
 /// whose body falls (even partly) under a key is flagged; its bytes are
 /// encrypted with the key of their LSN up to `valid_upto`, and zeroed after it
@@ -194,10 +228,7 @@ pub fn encrypt_for_write(
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
-    let mut page = start - start % WAL_PAGE_SIZE;
-    while page < end {
-        let prefix = page_prefix(buf, start, page, from_file)?;
-        let (info, tli) = header_fields(&prefix);
+    for_each_page(buf, start, from_file, |buf, page, info, tli| {
         let body = page + header_len(info);
         let page_end = page + WAL_PAGE_SIZE;
         if any_key(keys, body, page_end) {
@@ -213,9 +244,8 @@ pub fn encrypt_for_write(
             }
             set_flag(buf, start, page, true);
         }
-        page = page_end;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Decrypt, in place, WAL bytes `buf` (LSN `start ..`) just read from a
@@ -229,36 +259,28 @@ pub fn decrypt_after_read(
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
-    let mut page = start - start % WAL_PAGE_SIZE;
-    while page < end {
-        let prefix = page_prefix(buf, start, page, from_file)?;
-        let (info, tli) = header_fields(&prefix);
-        if info & XLP_TDE_ENCRYPTED != 0 {
-            let body = page + header_len(info);
-            // A flagged page has at least one byte under a key; bytes under no
-            // key are the plaintext prefix written before encryption began.
-            if !any_key(keys, body, page + WAL_PAGE_SIZE) {
-                return Err(TdeError::NotFound(format!(
-                    "no WAL key covers the encrypted WAL page at {:X}/{:X}",
-                    page >> 32,
-                    page & 0xffff_ffff
-                )));
-            }
-            let from = start.max(body);
-            let to = end.min(page + WAL_PAGE_SIZE);
-            if from < to {
-                apply_ranges(buf, start, from, to, tli, keys);
-            }
-            set_flag(buf, start, page, false);
+    for_each_page(buf, start, from_file, |buf, page, info, tli| {
+        if info & XLP_TDE_ENCRYPTED == 0 {
+            return Ok(());
         }
-        page += WAL_PAGE_SIZE;
-    }
-    Ok(())
-}
-
-/// Whether the page at `page` (whose bytes from LSN `start` are in `buf`) is flagged.
-pub fn page_is_flagged(prefix: &[u8; HEADER_PREFIX]) -> bool {
-    header_fields(prefix).0 & XLP_TDE_ENCRYPTED != 0
+        let body = page + header_len(info);
+        // A flagged page has at least one byte under a key; bytes under no
+        // key are the plaintext prefix written before encryption began.
+        if !any_key(keys, body, page + WAL_PAGE_SIZE) {
+            return Err(TdeError::NotFound(format!(
+                "no WAL key covers the encrypted WAL page at {:X}/{:X}",
+                page >> 32,
+                page & 0xffff_ffff
+            )));
+        }
+        let from = start.max(body);
+        let to = end.min(page + WAL_PAGE_SIZE);
+        if from < to {
+            apply_ranges(buf, start, from, to, tli, keys);
+        }
+        set_flag(buf, start, page, false);
+        Ok(())
+    })
 }
 
 /// Fresh random WAL key material: (key, counter base).
