@@ -76,9 +76,26 @@ unsafe fn cipher_of(reln: pg_sys::SMgrRelation) -> Option<std::sync::Arc<PageCip
     }
 }
 
+/// A page buffer aligned like PostgreSQL's I/O buffers (`PG_IO_ALIGN_SIZE`), so that
+/// ciphertext can be written with `debug_io_direct` and the cipher's wide loads and
+/// stores never straddle cache lines.
+#[repr(C, align(4096))]
+struct AlignedPage([u8; PAGE_SIZE]);
+
 thread_local! {
-    /// Scratch space for ciphertext on its way to md.c, reused across calls.
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Scratch pages for ciphertext on its way to md.c, reused across calls.
+    static SCRATCH: RefCell<Vec<AlignedPage>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with `n` scratch pages.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [AlignedPage]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut scratch = s.borrow_mut();
+        if scratch.len() < n {
+            scratch.resize_with(n, || AlignedPage([0; PAGE_SIZE]));
+        }
+        f(&mut scratch[..n])
+    })
 }
 
 #[pg_guard]
@@ -121,16 +138,13 @@ unsafe extern "C-unwind" fn tde_writev(
     };
     let fork = tweak_fork(forknum);
     let n = nblocks as usize;
-    SCRATCH.with(|s| {
-        let mut scratch = s.borrow_mut();
-        scratch.resize(n * PAGE_SIZE, 0);
+    with_scratch(n, |scratch| {
         let mut ptrs: Vec<*const c_void> = Vec::with_capacity(n);
-        for (i, out) in scratch.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        for (i, out) in scratch.iter_mut().enumerate() {
             // SAFETY: smgrwritev hands us nblocks buffers of BLCKSZ bytes.
             let page = unsafe { std::slice::from_raw_parts(*buffers.add(i) as *const u8, PAGE_SIZE) };
-            out.copy_from_slice(page);
-            cipher.encrypt_page(fork, blocknum + i as u32, out);
-            ptrs.push(out.as_ptr() as *const c_void);
+            cipher.encrypt_page_into(fork, blocknum + i as u32, page, &mut out.0);
+            ptrs.push(out.0.as_ptr() as *const c_void);
         }
         // SAFETY: ptrs holds nblocks valid page pointers into scratch, which
         // outlives the call.
@@ -152,14 +166,11 @@ unsafe extern "C-unwind" fn tde_extend(
         unsafe { ffi::mdextend(reln, forknum, blocknum, buffer, skip_fsync) };
         return;
     };
-    SCRATCH.with(|s| {
-        let mut scratch = s.borrow_mut();
-        scratch.resize(PAGE_SIZE, 0);
+    with_scratch(1, |scratch| {
         // SAFETY: smgrextend hands us one buffer of BLCKSZ bytes.
         let page = unsafe { std::slice::from_raw_parts(buffer as *const u8, PAGE_SIZE) };
-        let out = &mut scratch[..PAGE_SIZE];
-        out.copy_from_slice(page);
-        cipher.encrypt_page(tweak_fork(forknum), blocknum, out);
+        let out = &mut scratch[0].0;
+        cipher.encrypt_page_into(tweak_fork(forknum), blocknum, page, out);
         // SAFETY: out is a valid page buffer for the duration of the call.
         unsafe { ffi::mdextend(reln, forknum, blocknum, out.as_ptr() as *const c_void, skip_fsync) };
     });

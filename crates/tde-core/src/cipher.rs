@@ -57,6 +57,7 @@ use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc};
 use zeroize::Zeroizing;
 
 use crate::error::{Result, TdeError};
+use crate::xts_avx512::{Avx512Xts, STEP_BLOCKS};
 
 /// Size of a PostgreSQL page (`BLCKSZ`).
 pub const PAGE_SIZE: usize = 8192;
@@ -239,6 +240,7 @@ fn xts_halves_equal(key: &[u8]) -> bool {
 pub struct PageCipher {
     cipher: Cipher,
     engine: Engine,
+    whitening: Whitening,
 }
 
 enum Engine {
@@ -275,14 +277,30 @@ impl Engine {
         })
     }
 
-    fn crypt(&self, tweak: u128, buf: &mut [u8], dir: Direction) {
-        let (blocks, tail) = buf.as_chunks_mut::<AES_BLOCK_SIZE>();
+    /// Encrypt or decrypt `dst` as one data unit; `src` `None` means in place, otherwise `src`
+    /// (same length) is the input.
+    fn crypt(&self, tweak: u128, src: Option<&[u8]>, dst: &mut [u8], dir: Direction, whitening: Whitening) {
+        let (blocks, tail) = dst.as_chunks_mut::<AES_BLOCK_SIZE>();
         assert!(tail.is_empty(), "buffer length must be a multiple of {AES_BLOCK_SIZE} bytes");
+        let src = src.map(|s| {
+            assert_eq!(s.len(), blocks.len() * AES_BLOCK_SIZE, "input and output lengths differ");
+            s.as_chunks::<AES_BLOCK_SIZE>().0
+        });
         match self {
-            Engine::Cbc128 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, blocks, dir),
-            Engine::Cbc256 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, blocks, dir),
-            Engine::Xts128 { data, tweak: tk } => xts_crypt(data, tk, tweak, blocks, dir),
-            Engine::Xts256 { data, tweak: tk } => xts_crypt(data, tk, tweak, blocks, dir),
+            Engine::Xts128 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, whitening),
+            Engine::Xts256 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, whitening),
+            Engine::Cbc128 { aes, base_iv } => {
+                if let Some(s) = src {
+                    blocks.copy_from_slice(s);
+                }
+                cbc_crypt(aes, base_iv, tweak, blocks, dir)
+            }
+            Engine::Cbc256 { aes, base_iv } => {
+                if let Some(s) = src {
+                    blocks.copy_from_slice(s);
+                }
+                cbc_crypt(aes, base_iv, tweak, blocks, dir)
+            }
         }
     }
 }
@@ -302,7 +320,7 @@ impl PageCipher {
     pub fn new(key: &RelKey) -> PageCipher {
         let engine = Engine::new(key.cipher, key.key_material(), &key.base_iv)
             .expect("a RelKey always holds key_len() bytes of key material");
-        PageCipher { cipher: key.cipher, engine }
+        PageCipher { cipher: key.cipher, engine, whitening: Whitening::detect() }
     }
 
     /// The cipher of this page cipher.
@@ -313,13 +331,20 @@ impl PageCipher {
     /// Encrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn encrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine.crypt(page_tweak(fork, block), page, Direction::Encrypt);
+        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Encrypt, self.whitening);
+    }
+
+    /// Encrypt the page `src` into `dst`, leaving `src` untouched (one pass fewer than copying
+    /// and encrypting in place). Both must be exactly [`PAGE_SIZE`] bytes.
+    pub fn encrypt_page_into(&self, fork: u32, block: u32, src: &[u8], dst: &mut [u8]) {
+        assert_eq!(dst.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
+        self.engine.crypt(page_tweak(fork, block), Some(src), dst, Direction::Encrypt, self.whitening);
     }
 
     /// Decrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn decrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine.crypt(page_tweak(fork, block), page, Direction::Decrypt);
+        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Decrypt, self.whitening);
     }
 
     /// Encrypt a buffer of any multiple of 16 bytes as one data unit with the given tweak.
@@ -327,7 +352,7 @@ impl PageCipher {
     /// # Panics
     /// If `buf.len()` is not a multiple of 16.
     pub fn encrypt_buf(&self, tweak: u128, buf: &mut [u8]) {
-        self.engine.crypt(tweak, buf, Direction::Encrypt);
+        self.engine.crypt(tweak, None, buf, Direction::Encrypt, self.whitening);
     }
 
     /// Decrypt a buffer of any multiple of 16 bytes as one data unit with the given tweak.
@@ -335,7 +360,12 @@ impl PageCipher {
     /// # Panics
     /// If `buf.len()` is not a multiple of 16.
     pub fn decrypt_buf(&self, tweak: u128, buf: &mut [u8]) {
-        self.engine.crypt(tweak, buf, Direction::Decrypt);
+        self.engine.crypt(tweak, None, buf, Direction::Decrypt, self.whitening);
+    }
+
+    /// Whether the XTS tweak passes use AVX-512 on this CPU (for benchmark reports).
+    pub fn uses_avx512(&self) -> bool {
+        self.cipher.is_xts() && matches!(self.whitening, Whitening::Avx512(_))
     }
 }
 
@@ -362,34 +392,75 @@ fn mul_alpha8(t: u128) -> u128 {
     (t << 8) ^ h ^ (h << 1) ^ (h << 2) ^ (h << 7)
 }
 
-/// Fill `tweaks` with `start * alpha^j`. Eight independent chains (`T_{j+8} = T_j * alpha^8`)
-/// keep the CPU's pipelines busy instead of one long serial dependency.
-#[inline(always)]
-fn fill_tweaks(tweaks: &mut [u128], start: u128) {
-    let lanes = tweaks.len().min(8);
+/// The tweaks of one page (or of a page-sized chunk of a longer buffer), aligned for
+/// 512-bit loads and stores.
+#[repr(C, align(64))]
+struct Tweaks([[u8; AES_BLOCK_SIZE]; PAGE_BLOCKS]);
+
+/// First pass, portable: `dst[j] = src[j] ^ T_j`, `tweaks[j] = T_j` with `T_j = start * alpha^j`.
+/// Eight independent chains (`T_{j+8} = T_j * alpha^8`) keep the CPU's pipelines busy
+/// instead of one long serial dependency.
+fn whiten_in_portable(
+    src: Option<&[[u8; AES_BLOCK_SIZE]]>,
+    dst: &mut [[u8; AES_BLOCK_SIZE]],
+    tweaks: &mut [[u8; AES_BLOCK_SIZE]],
+    start: u128,
+) {
+    let mut chain = [0u128; 8];
     let mut t = start;
-    for slot in &mut tweaks[..lanes] {
-        *slot = t;
+    for c in &mut chain {
+        *c = t;
         t = mul_alpha(t);
     }
-    for j in 8..tweaks.len() {
-        tweaks[j] = mul_alpha8(tweaks[j - 8]);
+    for (j, (d, tw)) in dst.iter_mut().zip(tweaks.iter_mut()).enumerate() {
+        let c = &mut chain[j % 8];
+        let input = src.map_or(*d, |s| s[j]);
+        *d = (u128::from_le_bytes(input) ^ *c).to_le_bytes();
+        *tw = c.to_le_bytes();
+        *c = mul_alpha8(*c);
     }
 }
 
-#[inline(always)]
-fn xor_tweaks(blocks: &mut [[u8; AES_BLOCK_SIZE]], tweaks: &[u128]) {
+/// Second pass, portable: `blocks[j] ^= tweaks[j]`.
+fn whiten_out_portable(blocks: &mut [[u8; AES_BLOCK_SIZE]], tweaks: &[[u8; AES_BLOCK_SIZE]]) {
     for (b, t) in blocks.iter_mut().zip(tweaks) {
-        *b = (u128::from_le_bytes(*b) ^ t).to_le_bytes();
+        *b = (u128::from_le_bytes(*b) ^ u128::from_le_bytes(*t)).to_le_bytes();
     }
 }
 
-fn xts_crypt<D, T>(data_key: &D, tweak_key: &T, seq: u128, blocks: &mut [[u8; AES_BLOCK_SIZE]], dir: Direction)
-where
+/// How the tweak passes are computed: with AVX-512 when the CPU has it (decided once per
+/// process), portably otherwise. Tests pin one or the other.
+#[derive(Clone, Copy)]
+enum Whitening {
+    Portable,
+    Avx512(Avx512Xts),
+}
+
+impl Whitening {
+    fn detect() -> Whitening {
+        static DETECTED: std::sync::OnceLock<Option<Avx512Xts>> = std::sync::OnceLock::new();
+        match *DETECTED.get_or_init(Avx512Xts::detect) {
+            Some(x) => Whitening::Avx512(x),
+            None => Whitening::Portable,
+        }
+    }
+}
+
+/// XTS over `dst` as one data unit with sequence number `seq`. `src` `None` means in place;
+/// otherwise `src` (same length) is the input and `dst` receives the output.
+fn xts_crypt<D, T>(
+    data_key: &D,
+    tweak_key: &T,
+    seq: u128,
+    src: Option<&[[u8; AES_BLOCK_SIZE]]>,
+    dst: &mut [[u8; AES_BLOCK_SIZE]],
+    dir: Direction,
+    whitening: Whitening,
+) where
     D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
     T: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>,
 {
-    if blocks.is_empty() {
+    if dst.is_empty() {
         return;
     }
     let mut t0 = Block::from(seq.to_le_bytes());
@@ -398,20 +469,34 @@ where
 
     // Buffers longer than a page are processed a page at a time; the tweak chain
     // continues across chunks, so the whole buffer is one data unit.
-    let mut tweaks = [0u128; PAGE_BLOCKS];
-    for chunk in blocks.chunks_mut(PAGE_BLOCKS) {
+    let mut tweaks = Tweaks([[0; AES_BLOCK_SIZE]; PAGE_BLOCKS]);
+    for (i, chunk) in dst.chunks_mut(PAGE_BLOCKS).enumerate() {
         let n = chunk.len();
-        let tweaks = &mut tweaks[..n];
-        fill_tweaks(tweaks, next);
-        next = mul_alpha(tweaks[n - 1]);
+        let tweaks = &mut tweaks.0[..n];
+        let input = src.map(|s| &s[i * PAGE_BLOCKS..i * PAGE_BLOCKS + n]);
+        match whitening {
+            Whitening::Avx512(x) if n % STEP_BLOCKS == 0 => {
+                let mut first = [[0; AES_BLOCK_SIZE]; STEP_BLOCKS];
+                let mut t = next;
+                for f in &mut first {
+                    *f = t.to_le_bytes();
+                    t = mul_alpha(t);
+                }
+                x.whiten_in(input, chunk, tweaks, &first);
+            }
+            _ => whiten_in_portable(input, chunk, tweaks, next),
+        }
+        next = mul_alpha(u128::from_le_bytes(tweaks[n - 1]));
 
-        xor_tweaks(chunk, tweaks);
         let arr = Block::cast_slice_from_core_mut(chunk);
         match dir {
             Direction::Encrypt => data_key.encrypt_blocks(arr),
             Direction::Decrypt => data_key.decrypt_blocks(arr),
         }
-        xor_tweaks(chunk, tweaks);
+        match whitening {
+            Whitening::Avx512(x) if n % 4 == 0 => x.whiten_out(chunk, tweaks),
+            _ => whiten_out_portable(chunk, tweaks),
+        }
     }
 }
 
@@ -519,13 +604,17 @@ pub fn cbc_decrypt_raw(key: &[u8], iv: &[u8; 16], buf: &mut [u8]) -> Result<()> 
 }
 
 fn raw_xts(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction) -> Result<()> {
+    raw_xts_with(key, seq, buf, dir, Whitening::detect())
+}
+
+fn raw_xts_with(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction, whitening: Whitening) -> Result<()> {
     let cipher = match key.len() {
         32 => Cipher::Aes128Xts,
         64 => Cipher::Aes256Xts,
         n => return Err(TdeError::Invalid(format!("XTS key must be 32 or 64 bytes, got {n}"))),
     };
     blocks_of(buf)?;
-    Engine::new(cipher, key, &[0u8; BASE_IV_LEN])?.crypt(seq, buf, dir);
+    Engine::new(cipher, key, &[0u8; BASE_IV_LEN])?.crypt(seq, None, buf, dir, whitening);
     Ok(())
 }
 
@@ -728,23 +817,71 @@ mod tests {
         assert_eq!(hex_str(&buf), hex_str(&hex(V4_CT)));
     }
 
+    /// The whitening variants this CPU can run: always the portable one, and AVX-512 if present.
+    fn whitenings() -> Vec<(&'static str, Whitening)> {
+        let mut v = vec![("portable", Whitening::Portable)];
+        if let Some(x) = Avx512Xts::detect() {
+            v.push(("avx512", Whitening::Avx512(x)));
+        } else {
+            eprintln!("this CPU has no AVX-512 + VPCLMULQDQ: only the portable XTS passes are tested");
+        }
+        v
+    }
+
     #[test]
     fn batched_xts_matches_reference_on_many_lengths() {
-        for key_len in [32usize, 64] {
-            let key = random_bytes(key_len);
-            for blocks in [1usize, 2, 7, 8, 9, 31, 511, 512, 513, 1024, 1500] {
-                let seq = u128::from_le_bytes(random_bytes(16).try_into().unwrap());
-                let pt = random_bytes(blocks * 16);
-                let mut fast = pt.clone();
-                let mut slow = pt.clone();
-                xts_encrypt_raw(&key, seq, &mut fast).unwrap();
-                reference_xts(&key, seq, &mut slow, true);
-                assert_eq!(fast, slow, "encrypt, key {key_len} bytes, {blocks} blocks");
-                xts_decrypt_raw(&key, seq, &mut fast).unwrap();
-                assert_eq!(fast, pt, "decrypt, {blocks} blocks");
-                reference_xts(&key, seq, &mut slow, false);
-                assert_eq!(slow, pt);
+        for (name, whitening) in whitenings() {
+            for key_len in [32usize, 64] {
+                let key = random_bytes(key_len);
+                for blocks in [1usize, 2, 7, 8, 9, 16, 31, 32, 48, 511, 512, 513, 528, 1024, 1500] {
+                    let seq = u128::from_le_bytes(random_bytes(16).try_into().unwrap());
+                    let pt = random_bytes(blocks * 16);
+                    let mut fast = pt.clone();
+                    let mut slow = pt.clone();
+                    raw_xts_with(&key, seq, &mut fast, Direction::Encrypt, whitening).unwrap();
+                    reference_xts(&key, seq, &mut slow, true);
+                    assert_eq!(fast, slow, "{name}: encrypt, key {key_len} bytes, {blocks} blocks");
+                    raw_xts_with(&key, seq, &mut fast, Direction::Decrypt, whitening).unwrap();
+                    assert_eq!(fast, pt, "{name}: decrypt, {blocks} blocks");
+                    reference_xts(&key, seq, &mut slow, false);
+                    assert_eq!(slow, pt);
+                }
             }
+        }
+    }
+
+    #[test]
+    fn xts_whitening_variants_agree_on_edge_tweaks() {
+        // Tweaks whose top bits are set exercise the reduction in every lane of the wide code.
+        let key = random_bytes(32);
+        let seqs = [0u128, 1, u128::MAX, 1 << 127, 0xffff << 112, 0x8000 << 112, 0x7fff << 112];
+        for seq in seqs {
+            let pt = random_bytes(PAGE_SIZE);
+            let mut out = Vec::new();
+            for (name, whitening) in whitenings() {
+                let mut buf = pt.clone();
+                raw_xts_with(&key, seq, &mut buf, Direction::Encrypt, whitening).unwrap();
+                let mut slow = pt.clone();
+                reference_xts(&key, seq, &mut slow, true);
+                assert_eq!(buf, slow, "{name}, seq {seq:#x}");
+                out.push(buf);
+            }
+            assert!(out.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[test]
+    fn encrypt_page_into_equals_in_place_and_leaves_the_source() {
+        for cipher in Cipher::ALL {
+            let pc = PageCipher::new(&RelKey::generate(cipher).unwrap());
+            let src = random_bytes(PAGE_SIZE);
+            let mut in_place = src.clone();
+            pc.encrypt_page(1, 99, &mut in_place);
+            let mut dst = vec![0u8; PAGE_SIZE];
+            pc.encrypt_page_into(1, 99, &src, &mut dst);
+            assert_eq!(dst, in_place, "{cipher}");
+            pc.decrypt_page(1, 99, &mut dst);
+            assert_eq!(dst, src, "{cipher}");
         }
     }
 
