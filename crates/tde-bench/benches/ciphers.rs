@@ -11,8 +11,18 @@ use tde_core::cipher::{Cipher, PageCipher, RelKey, PAGE_SIZE};
 use tde_core::wal::WalCipher;
 use tde_core::wrap;
 
-fn page() -> Vec<u8> {
-    (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect()
+/// A page buffer aligned like PostgreSQL's buffers (shared and local buffers, and pg_tde's
+/// write scratch pages, are 4096-byte aligned); an unaligned one costs the 64-byte
+/// loads and stores of the AVX-512 passes about 20%.
+#[repr(C, align(4096))]
+struct Page([u8; PAGE_SIZE]);
+
+fn page() -> Box<Page> {
+    let mut p = Box::new(Page([0; PAGE_SIZE]));
+    for (i, b) in p.0.iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    p
 }
 
 fn page_ciphers(c: &mut Criterion) {
@@ -26,7 +36,7 @@ fn page_ciphers(c: &mut Criterion) {
             let mut block = 0u32;
             b.iter(|| {
                 block = block.wrapping_add(1);
-                pc.encrypt_page(0, black_box(block), &mut buf);
+                pc.encrypt_page(0, black_box(block), &mut buf.0);
             })
         });
         let src = page();
@@ -34,14 +44,14 @@ fn page_ciphers(c: &mut Criterion) {
             let mut block = 0u32;
             b.iter(|| {
                 block = block.wrapping_add(1);
-                pc.encrypt_page_into(0, black_box(block), &src, &mut buf);
+                pc.encrypt_page_into(0, black_box(block), &src.0, &mut buf.0);
             })
         });
         group.bench_function(format!("decrypt/{}", cipher.name()), |b| {
             let mut block = 0u32;
             b.iter(|| {
                 block = block.wrapping_add(1);
-                pc.decrypt_page(0, black_box(block), &mut buf);
+                pc.decrypt_page(0, black_box(block), &mut buf.0);
             })
         });
     }
@@ -55,13 +65,14 @@ fn wal_ctr(c: &mut Criterion) {
     for (name, key_len) in [("aes_128_ctr", 16usize), ("aes_256_ctr", 32)] {
         let wc = WalCipher::new(&vec![0x5a; key_len], &[7u8; 16]).expect("WAL key");
         for (size, offset) in [(8192usize, 0u64), (128, 40)] {
-            let mut buf = vec![0x33u8; size];
+            let mut buf = page();
+            let buf = &mut buf.0[..size];
             group.throughput(Throughput::Bytes(size as u64));
             group.bench_function(format!("{name}/{size}"), |b| {
                 let mut lsn = offset;
                 b.iter(|| {
                     lsn = lsn.wrapping_add(8192);
-                    wc.apply(1, black_box(lsn), &mut buf);
+                    wc.apply(1, black_box(lsn), buf);
                 })
             });
         }

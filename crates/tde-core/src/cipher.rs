@@ -56,8 +56,8 @@ use aes::cipher::{
 use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc};
 use zeroize::Zeroizing;
 
+use crate::avx512::{Avx512, STEP_BLOCKS};
 use crate::error::{Result, TdeError};
-use crate::xts_avx512::{Avx512Xts, STEP_BLOCKS};
 
 /// Size of a PostgreSQL page (`BLCKSZ`).
 pub const PAGE_SIZE: usize = 8192;
@@ -433,13 +433,12 @@ fn whiten_out_portable(blocks: &mut [[u8; AES_BLOCK_SIZE]], tweaks: &[[u8; AES_B
 #[derive(Clone, Copy)]
 enum Whitening {
     Portable,
-    Avx512(Avx512Xts),
+    Avx512(Avx512),
 }
 
 impl Whitening {
     fn detect() -> Whitening {
-        static DETECTED: std::sync::OnceLock<Option<Avx512Xts>> = std::sync::OnceLock::new();
-        match *DETECTED.get_or_init(Avx512Xts::detect) {
+        match Avx512::detected() {
             Some(x) => Whitening::Avx512(x),
             None => Whitening::Portable,
         }
@@ -494,7 +493,7 @@ fn xts_crypt<D, T>(
             Direction::Decrypt => data_key.decrypt_blocks(arr),
         }
         match whitening {
-            Whitening::Avx512(x) if n % 4 == 0 => x.whiten_out(chunk, tweaks),
+            Whitening::Avx512(x) => x.whiten_out(chunk, tweaks),
             _ => whiten_out_portable(chunk, tweaks),
         }
     }
@@ -820,7 +819,7 @@ mod tests {
     /// The whitening variants this CPU can run: always the portable one, and AVX-512 if present.
     fn whitenings() -> Vec<(&'static str, Whitening)> {
         let mut v = vec![("portable", Whitening::Portable)];
-        if let Some(x) = Avx512Xts::detect() {
+        if let Some(x) = Avx512::detect() {
             v.push(("avx512", Whitening::Avx512(x)));
         } else {
             eprintln!("this CPU has no AVX-512 + VPCLMULQDQ: only the portable XTS passes are tested");

@@ -1,8 +1,9 @@
 //! `tde-core`: the PostgreSQL-independent core of `pg_tde`.
 //!
 //! This crate has no pgrx dependency. Its only `unsafe` code is the CPU-feature
-//! boundary of the AVX-512 XTS tweak passes (`xts_avx512`, chosen at run time and
-//! checked against the portable code); everything else denies `unsafe`. It provides:
+//! boundary of the AVX-512 passes around AES (`avx512`: XTS tweaks, CTR counters,
+//! chosen at run time and checked against the portable code); everything else
+//! denies `unsafe`. It provides:
 //!
 //! - [`cipher`]: the page ciphers (AES-CBC with ESSIV-like IVs, IEEE 1619 XTS-AES)
 //!   and the per-relation internal keys ([`RelKey`], [`PageCipher`]);
@@ -15,6 +16,8 @@
 //! Every error is a [`TdeError`]; no error message contains key bytes.
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+mod avx512;
 pub mod cipher;
 pub mod error;
 mod fsutil;
@@ -27,8 +30,6 @@ mod testutil;
 pub mod wal;
 pub mod walkeys;
 pub mod wrap;
-#[allow(unsafe_code)]
-mod xts_avx512;
 
 pub use cipher::{is_all_zero, page_tweak, Cipher, PageCipher, RelKey, PAGE_SIZE};
 pub use error::{Result, TdeError};

@@ -1,0 +1,257 @@
+//! The cipher passes around AES that run faster with AVX-512, chosen at run time.
+//!
+//! The block cipher itself is the `aes` crate's `encrypt_blocks` over a whole
+//! page (it picks VAES-512 at run time).  What the modes add around it is done
+//! here, 64 bytes at a time, when the CPU has AVX-512F, AVX-512BW and
+//! VPCLMULQDQ; `cipher.rs` and `wal.rs` keep portable versions of the same
+//! passes, used on other CPUs and by the tests as the reference.
+//!
+//! **XTS** encrypts block `j` of a data unit as `AES(P_j ^ T_j) ^ T_j` with
+//! `T_j = T_0 * alpha^j` in GF(2^128).  Four 512-bit registers hold 16
+//! consecutive tweaks `T_j .. T_{j+15}`; each 128-bit lane steps to `T_{j+16}`
+//! by multiplying with `alpha^16`: a shift left by two bytes (`vpslldq`) and the
+//! 16 bits shifted out folded back in with one carry-less multiplication by the
+//! polynomial's low terms `0x87` (`x^128 = x^7 + x^2 + x + 1`; a 16-bit by 8-bit
+//! product has 23 bits and needs no second reduction).  The first pass XORs the
+//! tweaks into 16 blocks and stores them for the second pass in the same loop.
+//!
+//! **CTR** (WAL) needs the big-endian counter blocks `c, c+1, ...`: four
+//! 128-bit lanes count in little-endian 64-bit halves and are byte-reversed
+//! (`vpshufb`) on the way out; only runs whose low 64 bits do not wrap are
+//! handed here.  The keystream is then XORed into the data 64 bytes at a time.
+//!
+//! This is the only module of the crate with `unsafe` code, and it is the
+//! CPU-feature boundary: the `#[target_feature]` functions may only run on a
+//! CPU that has the features, which [`Avx512::detect`] checks; the unaligned
+//! 512-bit loads and stores go through pointers to slices whose lengths are
+//! checked first.
+
+/// Blocks processed per step of the first pass (four registers of four blocks).
+pub(crate) const STEP_BLOCKS: usize = 16;
+
+/// Proof that this CPU has AVX-512F, AVX-512BW and VPCLMULQDQ. Only [`Avx512::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    /// The result of [`Avx512::detect`], computed once per process.
+    pub(crate) fn detected() -> Option<Avx512> {
+        static DETECTED: std::sync::OnceLock<Option<Avx512>> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Avx512::detect)
+    }
+
+    /// `Some` when the CPU (and the OS, which must save the AVX-512 registers) supports the passes.
+    pub(crate) fn detect() -> Option<Avx512> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // std caches the CPUID/XGETBV result; this is a few atomic loads.
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("vpclmulqdq")
+            {
+                return Some(Avx512(()));
+            }
+        }
+        None
+    }
+
+    /// First pass: `dst[j] = src[j] ^ T_j` and `tweaks[j] = T_j` where `first` holds
+    /// `T_0 .. T_15`. `src` `None` means in place (`dst` is also the input).
+    ///
+    /// # Panics
+    /// If the lengths differ or are not a multiple of [`STEP_BLOCKS`].
+    pub(crate) fn whiten_in(
+        self,
+        src: Option<&[[u8; 16]]>,
+        dst: &mut [[u8; 16]],
+        tweaks: &mut [[u8; 16]],
+        first: &[[u8; 16]; STEP_BLOCKS],
+    ) {
+        assert_eq!(dst.len() % STEP_BLOCKS, 0, "XTS whitening works on multiples of 16 blocks");
+        assert_eq!(tweaks.len(), dst.len());
+        let n = dst.len();
+        let dst_ptr = dst.as_mut_ptr();
+        let src_ptr = match src {
+            Some(s) => {
+                assert_eq!(s.len(), n);
+                s.as_ptr()
+            }
+            None => dst_ptr.cast_const(),
+        };
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `self` exists only if `detect` found the features `whiten_in_avx512` is compiled
+        // for. `src_ptr` (a slice distinct from `dst`, or `dst` itself), `dst` and `tweaks` are each
+        // valid for `n` blocks, a multiple of 16, checked above.
+        unsafe {
+            x86::whiten_in_avx512(src_ptr, dst_ptr, tweaks.as_mut_ptr(), n, first)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (src_ptr, dst_ptr, first);
+    }
+
+    /// Big-endian counter blocks `out[i] = first + i`, for runs whose low 64 bits do not
+    /// wrap (the caller checks; this panics otherwise).
+    pub(crate) fn ctr_counters(self, first: u128, out: &mut [[u8; 16]]) {
+        let lo = first as u64;
+        assert!(lo.checked_add(out.len() as u64).is_some(), "counter run wraps its low 64 bits");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features are present (see `whiten_in`); `out` holds `out.len()` blocks.
+        unsafe {
+            x86::ctr_counters_avx512(lo, (first >> 64) as u64, out.as_mut_ptr(), out.len())
+        };
+    }
+
+    /// `data[i] ^= stream[i]` for equal-length byte slices.
+    pub(crate) fn xor_bytes(self, data: &mut [u8], stream: &[u8]) {
+        assert_eq!(data.len(), stream.len());
+        let whole = data.len() / 64 * 64;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features are present (see `whiten_in`); both slices hold `whole` bytes.
+        unsafe {
+            x86::xor_avx512(data.as_mut_ptr(), stream.as_ptr(), whole / 64)
+        };
+        for (d, k) in data[whole..].iter_mut().zip(&stream[whole..]) {
+            *d ^= k;
+        }
+    }
+
+    /// Second pass: `blocks[j] ^= tweaks[j]`.
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub(crate) fn whiten_out(self, blocks: &mut [[u8; 16]], tweaks: &[[u8; 16]]) {
+        self.xor_bytes(blocks.as_flattened_mut(), tweaks.as_flattened());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+
+    use super::STEP_BLOCKS;
+
+    /// Multiply each 128-bit lane by alpha^16 (little-endian bit order of IEEE 1619).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    fn mul_alpha16(t: __m512i, poly: __m512i) -> __m512i {
+        // The top two bytes of each lane, moved to its bottom.
+        let carry = _mm512_bsrli_epi128::<14>(t);
+        // carry * (x^7 + x^2 + x + 1), carry-less; selector 0x00 takes the low qwords.
+        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
+        _mm512_xor_si512(_mm512_bslli_epi128::<2>(t), fold)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and VPCLMULQDQ; `src` (may equal `dst`), `dst` and
+    /// `tweaks` point to `n` blocks each, `n` a multiple of 16; `dst` and `tweaks` do not overlap.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    pub(super) unsafe fn whiten_in_avx512(
+        src: *const [u8; 16],
+        dst: *mut [u8; 16],
+        tweaks: *mut [u8; 16],
+        n: usize,
+        first: &[[u8; 16]; STEP_BLOCKS],
+    ) {
+        let poly = _mm512_set1_epi64(0x87);
+        let f = first.as_ptr().cast::<__m512i>();
+        // SAFETY: `first` is 16 blocks, i.e. four 512-bit values; unaligned loads.
+        let mut t = unsafe {
+            [
+                _mm512_loadu_si512(f),
+                _mm512_loadu_si512(f.add(1)),
+                _mm512_loadu_si512(f.add(2)),
+                _mm512_loadu_si512(f.add(3)),
+            ]
+        };
+        let (src, dst, tweaks) = (src.cast::<__m512i>(), dst.cast::<__m512i>(), tweaks.cast::<__m512i>());
+        for step in 0..n / STEP_BLOCKS {
+            for (lane, tl) in t.iter_mut().enumerate() {
+                let i = step * 4 + lane;
+                // SAFETY: i < n / 4, and each pointer covers n blocks = n / 4 512-bit values.
+                unsafe {
+                    let d = _mm512_loadu_si512(src.add(i));
+                    _mm512_storeu_si512(dst.add(i), _mm512_xor_si512(d, *tl));
+                    _mm512_storeu_si512(tweaks.add(i), *tl);
+                }
+                *tl = mul_alpha16(*tl, poly);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; `data` and `stream` point to `n` 64-byte chunks each.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn xor_avx512(data: *mut u8, stream: *const u8, n: usize) {
+        let (data, stream) = (data.cast::<__m512i>(), stream.cast::<__m512i>());
+        for i in 0..n {
+            // SAFETY: i < n 64-byte chunks in both buffers; unaligned loads and stores.
+            unsafe {
+                let d = _mm512_loadu_si512(data.add(i));
+                _mm512_storeu_si512(data.add(i), _mm512_xor_si512(d, _mm512_loadu_si512(stream.add(i))));
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F and AVX-512BW; `out` points to `n` blocks; `lo + n` does not wrap.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn ctr_counters_avx512(lo: u64, hi: u64, out: *mut [u8; 16], n: usize) {
+        // Lanes (lo + k, hi) for k = 0..3, as little-endian 128-bit values.
+        let mut ctr = _mm512_add_epi64(
+            _mm512_set_epi64(hi as i64, lo as i64, hi as i64, lo as i64, hi as i64, lo as i64, hi as i64, lo as i64),
+            _mm512_set_epi64(0, 3, 0, 2, 0, 1, 0, 0),
+        );
+        let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+        // Reverse the 16 bytes of every lane: little-endian to big-endian.
+        let rev = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        let out4 = out.cast::<__m512i>();
+        for i in 0..n / 4 {
+            // SAFETY: i < n / 4 512-bit values in `out`; unaligned store.
+            unsafe { _mm512_storeu_si512(out4.add(i), _mm512_shuffle_epi8(ctr, rev)) };
+            ctr = _mm512_add_epi64(ctr, four);
+        }
+        for k in n / 4 * 4..n {
+            let c = ((hi as u128) << 64) | (lo + k as u64) as u128;
+            // SAFETY: k < n blocks in `out`.
+            unsafe { out.add(k).write(c.to_be_bytes()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_xor_match_scalar() {
+        let Some(x) = Avx512::detect() else {
+            eprintln!("no AVX-512 on this CPU: nothing to test");
+            return;
+        };
+        for first in [0u128, 1, (7u128 << 64) | (u64::MAX as u128 - 600), u128::MAX << 64] {
+            for n in [0usize, 1, 3, 4, 5, 31, 512] {
+                let mut wide = vec![[0u8; 16]; n];
+                x.ctr_counters(first, &mut wide);
+                let scalar: Vec<[u8; 16]> = (0..n).map(|i| (first + i as u128).to_be_bytes()).collect();
+                assert_eq!(wide, scalar, "first {first:#x}, n {n}");
+            }
+        }
+        for len in [0usize, 1, 63, 64, 65, 200, 8192] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let stream: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let mut wide = data.clone();
+            x.xor_bytes(&mut wide, &stream);
+            let scalar: Vec<u8> = data.iter().zip(&stream).map(|(a, b)| a ^ b).collect();
+            assert_eq!(wide, scalar, "len {len}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "wraps its low 64 bits")]
+    fn counters_refuse_a_run_across_the_64_bit_carry() {
+        match Avx512::detect() {
+            Some(x) => x.ctr_counters(u64::MAX as u128 - 1, &mut [[0u8; 16]; 4]),
+            None => panic!("wraps its low 64 bits (no AVX-512 here; nothing else to check)"),
+        }
+    }
+}
