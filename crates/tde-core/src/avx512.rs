@@ -222,6 +222,49 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// `t * x` in GF(2^128), IEEE 1619 bit order, written out bit by bit.
+    fn times_x(t: u128) -> u128 {
+        let carry = t >> 127;
+        (t << 1) ^ if carry == 1 { 0x87 } else { 0 }
+    }
+
+    #[test]
+    fn whitening_of_zeros_is_the_tweak_sequence() {
+        let Some(x) = Avx512::detect() else {
+            eprintln!("no AVX-512 on this CPU: nothing to test");
+            return;
+        };
+        // Starts whose top 16 bits are set exercise the fold in every lane and step.
+        let starts =
+            [1u128, u128::MAX, 1 << 127, 0xffff << 112, 0x8001 << 112, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210];
+        for start in starts {
+            for n in [16usize, 32, 512] {
+                let mut seq = Vec::with_capacity(n);
+                let mut t = start;
+                for _ in 0..n {
+                    seq.push(t);
+                    t = times_x(t);
+                }
+                let first: [[u8; 16]; STEP_BLOCKS] = core::array::from_fn(|j| seq[j].to_le_bytes());
+                let mut out = vec![[0u8; 16]; n];
+                let mut tweaks = vec![[0u8; 16]; n];
+                x.whiten_in(None, &mut out, &mut tweaks, &first);
+                for (j, block) in out.iter().enumerate() {
+                    assert_eq!(u128::from_le_bytes(*block), seq[j], "start {start:#x}, block {j}");
+                }
+                assert_eq!(tweaks, out, "the stored tweaks are the ones XORed in");
+                // Out of place gives the same and leaves the source alone; the second pass
+                // takes the tweaks out again.
+                let src = vec![[0u8; 16]; n];
+                let mut out2 = vec![[9u8; 16]; n];
+                x.whiten_in(Some(&src), &mut out2, &mut tweaks, &first);
+                assert_eq!(out2, out);
+                x.whiten_out(&mut out2, &tweaks);
+                assert_eq!(out2, src);
+            }
+        }
+    }
+
     #[test]
     fn counters_and_xor_match_scalar() {
         let Some(x) = Avx512::detect() else {

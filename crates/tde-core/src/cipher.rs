@@ -468,35 +468,67 @@ fn xts_crypt<D, T>(
 
     // Buffers longer than a page are processed a page at a time; the tweak chain
     // continues across chunks, so the whole buffer is one data unit.
-    let mut tweaks = Tweaks([[0; AES_BLOCK_SIZE]; PAGE_BLOCKS]);
-    for (i, chunk) in dst.chunks_mut(PAGE_BLOCKS).enumerate() {
-        let n = chunk.len();
-        let tweaks = &mut tweaks.0[..n];
-        let input = src.map(|s| &s[i * PAGE_BLOCKS..i * PAGE_BLOCKS + n]);
-        match whitening {
-            Whitening::Avx512(x) if n % STEP_BLOCKS == 0 => {
-                let mut first = [[0; AES_BLOCK_SIZE]; STEP_BLOCKS];
-                let mut t = next;
-                for f in &mut first {
-                    *f = t.to_le_bytes();
-                    t = mul_alpha(t);
-                }
-                x.whiten_in(input, chunk, tweaks, &first);
-            }
-            _ => whiten_in_portable(input, chunk, tweaks, next),
+    TWEAKS.with_borrow_mut(|tweaks| {
+        for (i, chunk) in dst.chunks_mut(PAGE_BLOCKS).enumerate() {
+            next = xts_chunk(
+                data_key,
+                next,
+                src.map(|s| &s[i * PAGE_BLOCKS..i * PAGE_BLOCKS + chunk.len()]),
+                chunk,
+                tweaks,
+                dir,
+                whitening,
+            );
         }
-        next = mul_alpha(u128::from_le_bytes(tweaks[n - 1]));
+    });
+}
 
-        let arr = Block::cast_slice_from_core_mut(chunk);
-        match dir {
-            Direction::Encrypt => data_key.encrypt_blocks(arr),
-            Direction::Decrypt => data_key.decrypt_blocks(arr),
+thread_local! {
+    /// The tweaks of a page between the two passes; per thread, so that no call pays for
+    /// clearing 8 KiB (every tweak is written before it is read).
+    static TWEAKS: std::cell::RefCell<Tweaks> = const { std::cell::RefCell::new(Tweaks([[0; AES_BLOCK_SIZE]; PAGE_BLOCKS])) };
+}
+
+/// XTS over one chunk of at most a page whose first tweak is `next`; returns the tweak
+/// that follows the chunk's last.
+fn xts_chunk<D>(
+    data_key: &D,
+    next: u128,
+    input: Option<&[[u8; AES_BLOCK_SIZE]]>,
+    chunk: &mut [[u8; AES_BLOCK_SIZE]],
+    tweaks: &mut Tweaks,
+    dir: Direction,
+    whitening: Whitening,
+) -> u128
+where
+    D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
+{
+    let n = chunk.len();
+    let tweaks = &mut tweaks.0[..n];
+    match whitening {
+        Whitening::Avx512(x) if n % STEP_BLOCKS == 0 => {
+            let mut first = [[0; AES_BLOCK_SIZE]; STEP_BLOCKS];
+            let mut t = next;
+            for f in &mut first {
+                *f = t.to_le_bytes();
+                t = mul_alpha(t);
+            }
+            x.whiten_in(input, chunk, tweaks, &first);
         }
-        match whitening {
-            Whitening::Avx512(x) => x.whiten_out(chunk, tweaks),
-            _ => whiten_out_portable(chunk, tweaks),
-        }
+        _ => whiten_in_portable(input, chunk, tweaks, next),
     }
+    let next = mul_alpha(u128::from_le_bytes(tweaks[n - 1]));
+
+    let arr = Block::cast_slice_from_core_mut(chunk);
+    match dir {
+        Direction::Encrypt => data_key.encrypt_blocks(arr),
+        Direction::Decrypt => data_key.decrypt_blocks(arr),
+    }
+    match whitening {
+        Whitening::Avx512(x) => x.whiten_out(chunk, tweaks),
+        _ => whiten_out_portable(chunk, tweaks),
+    }
+    next
 }
 
 // ---------------------------------------------------------------------------------------
