@@ -506,7 +506,7 @@ where
     let n = chunk.len();
     let tweaks = &mut tweaks.0[..n];
     match whitening {
-        Whitening::Avx512(x) if n % STEP_BLOCKS == 0 => {
+        Whitening::Avx512(x) if n.is_multiple_of(STEP_BLOCKS) => {
             let mut first = [[0; AES_BLOCK_SIZE]; STEP_BLOCKS];
             let mut t = next;
             for f in &mut first {
