@@ -29,6 +29,34 @@
 /// Blocks processed per step of the first pass (four registers of four blocks).
 pub(crate) const STEP_BLOCKS: usize = 16;
 
+/// Blocks of a page (8 KiB).
+pub(crate) const PAGE_BLOCKS: usize = 512;
+
+/// A page of 16-byte blocks aligned for 512-bit loads and stores: the XTS tweaks and the
+/// CTR keystream of a page are made in one.
+#[repr(C, align(64))]
+pub(crate) struct PageBlocks(pub(crate) [[u8; 16]; PAGE_BLOCKS]);
+
+impl PageBlocks {
+    pub(crate) const fn new() -> PageBlocks {
+        PageBlocks([[0; 16]; PAGE_BLOCKS])
+    }
+}
+
+/// `data[i] ^= stream[i]` for equal-length byte slices, 64 bytes at a time with `simd`,
+/// portably (the compiler vectorizes it for the baseline CPU) without.
+pub(crate) fn xor_bytes(simd: Option<Avx512>, data: &mut [u8], stream: &[u8]) {
+    match simd {
+        Some(x) => x.xor_bytes(data, stream),
+        None => {
+            assert_eq!(data.len(), stream.len());
+            for (d, k) in data.iter_mut().zip(stream) {
+                *d ^= k;
+            }
+        }
+    }
+}
+
 /// Proof that this CPU has AVX-512F, AVX-512BW and VPCLMULQDQ. Only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512(());
@@ -101,8 +129,8 @@ impl Avx512 {
         };
     }
 
-    /// `data[i] ^= stream[i]` for equal-length byte slices.
-    pub(crate) fn xor_bytes(self, data: &mut [u8], stream: &[u8]) {
+    /// `data[i] ^= stream[i]` for equal-length byte slices (see [`xor_bytes`]).
+    fn xor_bytes(self, data: &mut [u8], stream: &[u8]) {
         assert_eq!(data.len(), stream.len());
         let whole = data.len() / 64 * 64;
         #[cfg(target_arch = "x86_64")]
@@ -113,14 +141,6 @@ impl Avx512 {
         for (d, k) in data[whole..].iter_mut().zip(&stream[whole..]) {
             *d ^= k;
         }
-    }
-
-    /// Second pass: `blocks[j] ^= tweaks[j]`.
-    ///
-    /// # Panics
-    /// If the lengths differ.
-    pub(crate) fn whiten_out(self, blocks: &mut [[u8; 16]], tweaks: &[[u8; 16]]) {
-        self.xor_bytes(blocks.as_flattened_mut(), tweaks.as_flattened());
     }
 }
 
@@ -259,7 +279,7 @@ mod tests {
                 let mut out2 = vec![[9u8; 16]; n];
                 x.whiten_in(Some(&src), &mut out2, &mut tweaks, &first);
                 assert_eq!(out2, out);
-                x.whiten_out(&mut out2, &tweaks);
+                xor_bytes(Some(x), out2.as_flattened_mut(), tweaks.as_flattened());
                 assert_eq!(out2, src);
             }
         }

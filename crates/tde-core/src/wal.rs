@@ -21,7 +21,7 @@ use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use aes::{Aes128, Aes256};
 use zeroize::Zeroizing;
 
-use crate::avx512::Avx512;
+use crate::avx512::{self, Avx512, PageBlocks};
 use crate::error::{Result, TdeError};
 use crate::walkeys::KeyRanges;
 
@@ -89,17 +89,12 @@ impl WalCipher {
     }
 
     /// XOR into `buf` the keystream of counters `first ..`, starting `skip` bytes into the
-    /// first block. The keystream is made up to a page (512 blocks) at a time in a stack
-    /// buffer: counters, one `encrypt_blocks` call, then an XOR that the compiler vectorizes.
-    /// Small writes (a commit record) use a small buffer, so they do not pay for a page.
+    /// first block. The keystream is made up to a page (512 blocks) at a time in a per-thread
+    /// buffer (nothing to clear per call): counters, one `encrypt_blocks` call, then the XOR.
     fn apply_counters(&self, first: u128, nblocks: usize, skip: usize, buf: &mut [u8]) {
-        if nblocks <= SMALL_BLOCKS {
-            let mut stream = [[0u8; 16]; SMALL_BLOCKS];
-            self.xor_keystream(first, nblocks, skip, buf, &mut stream);
-        } else {
-            let mut stream = Keystream([[0u8; 16]; PAGE_BLOCKS]);
-            self.xor_keystream(first, nblocks, skip, buf, &mut stream.0);
-        }
+        KEYSTREAM.with_borrow_mut(|stream| self.xor_keystream(first, nblocks, skip, buf, &mut stream.0));
+        // The keystream left in the buffer is not wiped: it reveals no more than the plaintext
+        // WAL it was XORed with, which sits in PostgreSQL's WAL buffers anyway.
     }
 
     fn xor_keystream(&self, first: u128, nblocks: usize, skip: usize, buf: &mut [u8], stream: &mut [[u8; 16]]) {
@@ -129,30 +124,17 @@ impl WalCipher {
             let bytes = blocks.as_flattened();
             let bytes = if done == 0 { &bytes[skip..] } else { bytes };
             let len = bytes.len().min(buf.len() - pos);
-            match self.simd {
-                Some(x) => x.xor_bytes(&mut buf[pos..pos + len], &bytes[..len]),
-                None => {
-                    for (b, k) in buf[pos..pos + len].iter_mut().zip(&bytes[..len]) {
-                        *b ^= k;
-                    }
-                }
-            }
+            avx512::xor_bytes(self.simd, &mut buf[pos..pos + len], &bytes[..len]);
             pos += len;
             done += n;
         }
-        // The keystream left on the stack is not wiped: it reveals no more than the plaintext
-        // WAL it was XORed with, which sits in PostgreSQL's WAL buffers anyway.
     }
 }
 
-/// Keystream blocks of the small buffer (512 bytes: any single small record).
-const SMALL_BLOCKS: usize = 32;
-/// Keystream blocks of a WAL page.
-const PAGE_BLOCKS: usize = WAL_PAGE_SIZE as usize / 16;
-
-/// One page of keystream, aligned for wide loads.
-#[repr(C, align(64))]
-struct Keystream([[u8; 16]; PAGE_BLOCKS]);
+thread_local! {
+    /// A page of keystream.
+    static KEYSTREAM: std::cell::RefCell<PageBlocks> = const { std::cell::RefCell::new(PageBlocks::new()) };
+}
 
 fn bad_key() -> TdeError {
     TdeError::Invalid("bad WAL key".into())
