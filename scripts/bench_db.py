@@ -16,6 +16,12 @@ socket only), every comparison in that one server and one run:
   WAL write     pgbench tpcb-like -c 16 -j 2 on the heap database with
                 pg_tde.wal_encrypt off vs on (restart before every run)
 
+CPU placement: during every pgbench run, pgbench runs on the first CPU and the
+server (postmaster, its background processes and the backends it forks for
+pgbench) on the others; without it this 2-CPU machine's pgbench throughput
+jumps between levels ~1.5x apart depending on where the scheduler puts the
+backends relative to pgbench's threads.  --no-pin turns it off.
+
 Method: one untimed warm-up run per side; then N adjacent pairs in alternating
 order (A,B / B,A / ...).  Each pair gives a ratio "encrypted / plain" oriented so
 that higher is better for pg_tde (throughput: tde/heap, duration: heap/tde); the
@@ -119,6 +125,9 @@ class Server:
         self.logfile = self.base / "server.log"
         self.port = 56000 + os.getpid() % 1000
         self.running = False
+        # CPU placement for pgbench runs: (client CPUs, server CPUs), or None to let the
+        # scheduler place everything (see Server.placed).
+        self.placement: tuple[set[int], set[int]] | None = None
 
     def initdb(self) -> None:
         subprocess.run(
@@ -209,11 +218,39 @@ class Server:
             raise RuntimeError(f"expected {len(stmts)} timings, got: {out[-500:]}")
         return times
 
-    def pgbench(self, db: str, args: list[str], env_extra: dict | None = None, timeout: float = 3600) -> str:
+    def server_pids(self) -> list[int]:
+        """The postmaster and every process it has started (all single-threaded)."""
+        try:
+            pm = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return []
+        children = Path(f"/proc/{pm}/task/{pm}/children")
+        return [pm] + [int(c) for c in (children.read_text().split() if children.exists() else [])]
+
+    def set_server_cpus(self, cpus: set[int]) -> None:
+        for pid in self.server_pids():
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except ProcessLookupError:
+                pass  # exited meanwhile
+
+    def pgbench(self, db: str, args: list[str], env_extra: dict | None = None, timeout: float = 3600,
+                measured: bool = True) -> str:
+        """Run pgbench; a `measured` run uses self.placement, if set: the server's processes
+        (and the backends the postmaster forks for pgbench, which inherit its mask) on the
+        server CPUs, pgbench on the client CPUs, everything unpinned again afterwards."""
         env = dict(os.environ)
         env.update(env_extra or {})
-        r = subprocess.run([str(BIN / "pgbench")] + args + self.conn_args(db)[:-2] + [db],
-                           capture_output=True, text=True, env=env, timeout=timeout)
+        place = self.placement if measured else None
+        if place:
+            self.set_server_cpus(place[1])
+        try:
+            r = subprocess.run([str(BIN / "pgbench")] + args + self.conn_args(db)[:-2] + [db],
+                               capture_output=True, text=True, env=env, timeout=timeout,
+                               preexec_fn=(lambda: os.sched_setaffinity(0, place[0])) if place else None)
+        finally:
+            if place:
+                self.set_server_cpus(os.sched_getaffinity(0))
         if r.returncode != 0:
             raise RuntimeError(f"pgbench {' '.join(args)} on {db} failed ({r.returncode}):\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
         return r.stdout + r.stderr
@@ -617,7 +654,7 @@ def setup_databases(srv: Server, rows: int, pgb_scale: int, benches: list[str]) 
             am = "tde_heap" if key == "tde" else "heap"
             log(f"pgbench -i -s {pgb_scale} in {db} (default_table_access_method={am})")
             srv.pgbench(db, ["-i", "-q", "-s", str(pgb_scale)], env_extra={"PGOPTIONS": f"-c default_table_access_method={am}"},
-                        timeout=7200)
+                        timeout=7200, measured=False)
             enc = srv.psql(
                 "SELECT string_agg(relname || '=' || pg_tde_is_encrypted(oid)::text, ' ' ORDER BY relname) FROM pg_class "
                 "WHERE relname IN ('pgbench_accounts', 'pgbench_accounts_pkey', 'pgbench_history', 'pgbench_branches')", db)
@@ -680,6 +717,8 @@ def main() -> int:
                     help="where the temporary server and the default results dir go")
     ap.add_argument("--out", type=Path, help="results directory (default: WORKDIR/results-<timestamp>)")
     ap.add_argument("--keep", action="store_true", help="keep the server's data directory")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the scheduler place pgbench and the server (default: pgbench on CPU 0, server on the others)")
     ap.add_argument("--summarize", type=Path, metavar="RESULTS_DIR",
                     help="run nothing: print the table again from RESULTS_DIR/runs.csv (e.g. of an interrupted run)")
     args = ap.parse_args()
@@ -720,6 +759,9 @@ def main() -> int:
     t0 = time.time()
     load0 = os.getloadavg()
     srv = Server(args.workdir)
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.no_pin and len(cpus) >= 2:
+        srv.placement = ({cpus[0]}, set(cpus[1:]))
     rec = Recorder(out / "runs.csv")
     info: dict = {}
     version = "?"
@@ -790,7 +832,9 @@ def main() -> int:
         "max_wal_size 8GB, autovacuum off, checksums on, pg_tde.cipher default (aes_128_xts)",
         f"- data: --scale {args.scale} ({rows} rows per large table; pgbench scale {pgb_scale}); sizes: {sizes or 'n/a'}",
         f"- method: {args.pairs} pairs per comparison after one warm-up run per side; pgbench -T {args.duration}; "
-        f"seqscan median of {args.reps} scans per run",
+        f"seqscan median of {args.reps} scans per run; "
+        + (f"pgbench runs: pgbench on CPU {sorted(srv.placement[0])}, the server on CPUs {sorted(srv.placement[1])}"
+           if srv.placement else "pgbench runs: placed by the scheduler (--no-pin)"),
         f"- machine: {os.cpu_count()} CPUs ({cpu}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB); "
         f"load average (1/5/15 min) at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
         f"at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}"
