@@ -42,7 +42,6 @@ import datetime as dt
 import glob
 import math
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -53,9 +52,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from run_as import as_user, chown
+
 PG_PREFIX = Path(os.environ.get("PG_PREFIX", ""))
 BIN = PG_PREFIX / "bin"
-OS_USER = os.environ.get("PG_TDE_OS_USER", "postgres")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Full size (--scale 1): the large table ~512 MB (4x shared_buffers), the pgbench
@@ -96,18 +96,6 @@ def log(msg: str) -> None:
 # the server
 
 
-def _as_user(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", OS_USER, "--"] + cmd
-    return cmd
-
-
-def _chown(path: Path) -> None:
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(OS_USER)
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-
-
 class Server:
     """One PostgreSQL server with pg_tde preloaded, Unix socket only."""
 
@@ -115,12 +103,12 @@ class Server:
         workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir, 0o755)
         self.base = Path(tempfile.mkdtemp(prefix="server-", dir=workdir))
-        _chown(self.base)
+        chown(self.base)
         os.chmod(self.base, 0o700)
         self.datadir = self.base / "data"
         self.keyring = self.base / "keyring"
         self.keyring.mkdir()
-        _chown(self.keyring)
+        chown(self.keyring)
         os.chmod(self.keyring, 0o700)
         self.logfile = self.base / "server.log"
         self.port = 56000 + os.getpid() % 1000
@@ -131,7 +119,7 @@ class Server:
 
     def initdb(self) -> None:
         subprocess.run(
-            _as_user([str(BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
+            as_user([str(BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
                       "-E", "UTF8", "--locale=C", "-k"]),
             check=True, stdout=subprocess.DEVNULL,
         )
@@ -160,7 +148,7 @@ class Server:
         for attempt in range(3):
             wait_for_library()
             r = subprocess.run(
-                _as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "300", "start"]),
+                as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "300", "start"]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             self.running = True  # even on failure: stop() is harmless
@@ -177,12 +165,12 @@ class Server:
             self.running = False
             return
         r = subprocess.run(
-            _as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "-t", "300", "stop"]),
+            as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "-t", "300", "stop"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         if r.returncode != 0:
             subprocess.run(
-                _as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop"]),
+                as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop"]),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         self.running = False
@@ -793,7 +781,7 @@ def main() -> int:
                 # Keep what was measured; go on with the next benchmark on a running server.
                 failures.append(f"{name}: {str(e).splitlines()[0]}")
                 log(f"benchmark {name} FAILED: {e}")
-                if subprocess.run(_as_user([str(BIN / "pg_ctl"), "-D", str(srv.datadir), "status"]),
+                if subprocess.run(as_user([str(BIN / "pg_ctl"), "-D", str(srv.datadir), "status"]),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
                     srv.start()
         checkpoints = re.findall(r"checkpoint starting: ([a-z ]+)", srv.logfile.read_text(errors="replace"))

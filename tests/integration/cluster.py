@@ -10,32 +10,23 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+# The OS-user helpers are shared with the benchmark script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from run_as import as_user, chown  # noqa: E402
+
 PG_PREFIX = Path(os.environ.get("PG_PREFIX", ""))
 BIN = PG_PREFIX / "bin"
-OS_USER = os.environ.get("PG_TDE_OS_USER", "postgres")
 ROOT = Path(os.environ.get("PG_TDE_TEST_ROOT", "/var/tmp/pg_tde-tests"))
 
 _next_port = 55400 + (os.getpid() % 200) * 10
-
-
-def _as_user(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", OS_USER, "--"] + cmd
-    return cmd
-
-
-def _chown(path: Path) -> None:
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(OS_USER)
-        os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
 def make_dir(prefix: str) -> Path:
@@ -43,7 +34,7 @@ def make_dir(prefix: str) -> Path:
     ROOT.mkdir(parents=True, exist_ok=True)
     os.chmod(ROOT, 0o755)
     d = Path(tempfile.mkdtemp(prefix=prefix + "-", dir=ROOT))
-    _chown(d)
+    chown(d)
     os.chmod(d, 0o700)
     return d
 
@@ -77,7 +68,7 @@ class Cluster:
         args = [str(BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]
         if checksums:
             args.append("-k")
-        subprocess.run(_as_user(args), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(as_user(args), check=True, stdout=subprocess.DEVNULL)
         self.configure(
             "shared_preload_libraries = 'pg_tde'\n"
             "wal_level = replica\nmax_wal_senders = 5\nhot_standby = on\n"
@@ -94,7 +85,7 @@ class Cluster:
 
     def start(self, expect_fail: bool = False) -> bool:
         r = subprocess.run(
-            _as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "120", "start"]),
+            as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "120", "start"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -104,7 +95,7 @@ class Cluster:
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(
-            _as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"]),
+            as_user([str(BIN / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

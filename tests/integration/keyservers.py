@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import _chown, make_dir
+from cluster import chown, make_dir
 
 STARTUP_TIMEOUT = 90  # seconds: a busy 2-core machine
 
@@ -100,7 +100,7 @@ def find_binary(name: str, env: str) -> Path:
 
 def give_to_server(path: Path, mode: int = 0o600) -> Path:
     """Make a file readable by the PostgreSQL server's OS user only."""
-    _chown(path)
+    chown(path)
     os.chmod(path, mode)
     return path
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Cluster, SQLError, _chown
+from cluster import Cluster, SQLError, chown
 from test_replication import make_standby, wait_for_replay
 
 KEYS_HEADER = 512
@@ -96,16 +96,16 @@ def read_keyring(path: Path) -> dict:
 def write_keyring(path: Path, doc: dict) -> None:
     """Write a keyring file the server user can read (0600, its owner)."""
     path.write_text(json.dumps(doc))
-    _chown(path)
+    chown(path)
     os.chmod(path, 0o600)
 
 
 def copy_keyring(src: Path, dst: Path) -> None:
     dst.parent.mkdir(exist_ok=True)
-    _chown(dst.parent)
+    chown(dst.parent)
     os.chmod(dst.parent, 0o700)
     shutil.copyfile(src, dst)
-    _chown(dst)
+    chown(dst)
     os.chmod(dst, 0o600)
 
 

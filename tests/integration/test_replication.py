@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from cluster import BIN, Cluster, _as_user
+from cluster import BIN, Cluster, as_user
 
 REPLAY_TIMEOUT = 60
 
@@ -32,7 +32,7 @@ def wait_for_replay(primary: Cluster, standby: Cluster) -> None:
 def make_standby(primary: Cluster) -> Cluster:
     standby = Cluster("standby")
     subprocess.run(
-        _as_user(
+        as_user(
             [
                 str(BIN / "pg_basebackup"),
                 "-D", str(standby.datadir),

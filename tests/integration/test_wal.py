@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BIN, Cluster, _as_user, _chown, setup_encryption
+from cluster import BIN, Cluster, as_user, chown, setup_encryption
 from test_replication import make_standby, wait_for_replay
 
 WAL_PAGE = 8192
@@ -165,7 +165,7 @@ def digest(c: Cluster, table: str) -> str:
 
 
 def pg_controldata(c: Cluster) -> dict:
-    out = subprocess.run(_as_user([str(BIN / "pg_controldata"), str(c.datadir)]), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(as_user([str(BIN / "pg_controldata"), str(c.datadir)]), capture_output=True, text=True, check=True).stdout
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
 
 
@@ -341,7 +341,7 @@ def test_toggle_and_restore_backup_across_mixed_wal(clusters, keyring):
     b = Cluster("wal-toggle-backup")
     clusters.append(b)
     r = subprocess.run(
-        _as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", "stream", "-c", "fast",
+        as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", "stream", "-c", "fast",
                   "-h", str(p.sockdir), "-p", str(p.port), "-U", "postgres"]),
         capture_output=True, text=True,
     )
@@ -350,7 +350,7 @@ def test_toggle_and_restore_backup_across_mixed_wal(clusters, keyring):
     # parses that WAL with pg_waldump)
     assert (b.datadir / "backup_label").exists()
     assert [f for f in (b.datadir / "pg_wal").iterdir() if re.fullmatch(r"[0-9A-F]{24}", f.name)]
-    r = subprocess.run(_as_user([str(BIN / "pg_verifybackup"), str(b.datadir)]), capture_output=True, text=True)
+    r = subprocess.run(as_user([str(BIN / "pg_verifybackup"), str(b.datadir)]), capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
     markers = {"A": "TOGGLE_A_PLAIN_r1", "B": "TOGGLE_B_ENC_r2", "C": "TOGGLE_C_PLAIN_r3", "D": "TOGGLE_D_ENC_r4"}
@@ -395,9 +395,9 @@ def test_toggle_and_restore_backup_across_mixed_wal(clusters, keyring):
     assert src.exists() and src.stat().st_size == 4 * KEY_RECORD
     dst = wal_keys_path(b)
     shutil.copy2(src, dst)
-    _chown(dst)
+    chown(dst)
     (b.datadir / "recovery.signal").touch()
-    _chown(b.datadir / "recovery.signal")
+    chown(b.datadir / "recovery.signal")
     b.configure(f"restore_command = 'cp {p.datadir}/pg_wal/%f %p'\nrecovery_target_action = 'promote'\n")
     b.start()
     wait_until(b, "SELECT pg_is_in_recovery()", "f")
@@ -515,7 +515,7 @@ def test_streaming_standby_promotion_and_timeline_follow(clusters, keyring):
 def _basebackup(p: Cluster, name: str, wal_method: str) -> Cluster:
     b = Cluster(name)
     r = subprocess.run(
-        _as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", wal_method, "-c", "fast",
+        as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", wal_method, "-c", "fast",
                   "-h", str(p.sockdir), "-p", str(p.port), "-U", "postgres"]),
         capture_output=True, text=True,
     )
@@ -568,7 +568,7 @@ def test_stream_backup_of_encrypted_server_holds_no_plaintext_wal(clusters, keyr
         b = Cluster("wal-stream-backup")
         clusters.append(b)
         r = subprocess.run(
-            _as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", "stream", "-c", "fast", "-r", "8M",
+            as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", "stream", "-c", "fast", "-r", "8M",
                       "-h", str(p.sockdir), "-p", str(p.port), "-U", "postgres"]),
             capture_output=True, text=True,
         )
@@ -601,7 +601,7 @@ def test_stock_pg_waldump_refuses_encrypted_segments(clusters, keyring):
 
     def waldump(seg: str):
         return subprocess.run(
-            _as_user([str(BIN / "pg_waldump"), "-p", str(c.datadir / "pg_wal"), seg, seg]),
+            as_user([str(BIN / "pg_waldump"), "-p", str(c.datadir / "pg_wal"), seg, seg]),
             capture_output=True, text=True,
         )
 

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster import BIN, Cluster, _as_user, make_dir, setup_encryption
+from cluster import BIN, Cluster, as_user, make_dir, setup_encryption
 
 TOOLS = Path(os.environ.get("PG_TDE_BIN", str(BIN)))
 
@@ -68,7 +68,7 @@ def test_archive_and_point_in_time_restore_through_wrappers(keyring):
         # Base backup first (its WAL comes through the archive too).
         backup = make_dir("pitr") / "data"
         subprocess.run(
-            _as_user([str(BIN / "pg_basebackup"), "-h", str(c.sockdir), "-p", str(c.port), "-U", "postgres",
+            as_user([str(BIN / "pg_basebackup"), "-h", str(c.sockdir), "-p", str(c.port), "-U", "postgres",
                       "-D", str(backup), "-X", "none", "-c", "fast"]),
             check=True, capture_output=True,
         )
