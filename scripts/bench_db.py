@@ -22,6 +22,16 @@ pgbench) on the others; without it this 2-CPU machine's pgbench throughput
 jumps between levels ~1.5x apart depending on where the scheduler puts the
 backends relative to pgbench's threads.  --no-pin turns it off.
 
+Primer: before every measured pgbench run an untimed 2-second select-only run
+of the same database (a run is ~5-8% faster when its database ran just
+before, which otherwise favoured the plain side, measured in half the runs).
+
+Profile (--profile): every measured pgbench run is sampled with `perf record`
+on the server's CPUs, and the share of those samples that fall in pg_tde.so
+(the page cipher, the key lookup, the hooks) is recorded per run: a direct
+measure of the CPU that pg_tde takes, much less noisy than the throughput
+ratio, though blind to indirect costs (e.g. caches the cipher evicts).
+
 Method: one untimed warm-up run per side; then N adjacent pairs in alternating
 order (A,B / B,A / ...).  Each pair gives a ratio "encrypted / plain" oriented so
 that higher is better for pg_tde (throughput: tde/heap, duration: heap/tde); the
@@ -116,6 +126,9 @@ class Server:
         # CPU placement for pgbench runs: (client CPUs, server CPUs), or None to let the
         # scheduler place everything (see Server.placed).
         self.placement: tuple[set[int], set[int]] | None = None
+        # --profile: sample measured pgbench runs with perf; perf.data files go here.
+        self.profile_dir: Path | None = None
+        self.profiles = 0
 
     def initdb(self) -> None:
         subprocess.run(
@@ -223,7 +236,7 @@ class Server:
                 pass  # exited meanwhile
 
     def pgbench(self, db: str, args: list[str], env_extra: dict | None = None, timeout: float = 3600,
-                measured: bool = True) -> str:
+                measured: bool = True, profiled: bool = True) -> str:
         """Run pgbench; a `measured` run uses self.placement, if set: the server's processes
         (and the backends the postmaster forks for pgbench, which inherit its mask) on the
         server CPUs, pgbench on the client CPUs, everything unpinned again afterwards."""
@@ -232,16 +245,53 @@ class Server:
         place = self.placement if measured else None
         if place:
             self.set_server_cpus(place[1])
+        perf = self.start_profile(place[1] if place else None, db) if measured and profiled and self.profile_dir else None
         try:
             r = subprocess.run([str(BIN / "pgbench")] + args + self.conn_args(db)[:-2] + [db],
                                capture_output=True, text=True, env=env, timeout=timeout,
                                preexec_fn=(lambda: os.sched_setaffinity(0, place[0])) if place else None)
         finally:
+            share = self.stop_profile(perf) if perf else None
             if place:
                 self.set_server_cpus(os.sched_getaffinity(0))
         if r.returncode != 0:
             raise RuntimeError(f"pgbench {' '.join(args)} on {db} failed ({r.returncode}):\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
-        return r.stdout + r.stderr
+        return r.stdout + r.stderr + (f"\nprofile: {share}\n" if share is not None else "")
+
+    def start_profile(self, cpus: set[int] | None, db: str) -> tuple[subprocess.Popen, Path]:
+        """Start sampling the server's CPUs (all CPUs without placement) with perf, 999 Hz, cpu-clock."""
+        self.profiles += 1
+        data = self.profile_dir / f"profile-{self.profiles:03d}-{db}.data"
+        where = ["-C", ",".join(map(str, sorted(cpus)))] if cpus else ["-a"]
+        proc = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-o", str(data)] + where,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.2)  # perf's set-up, so that the run's first transactions are sampled too
+        if proc.poll() is not None:
+            raise RuntimeError(f"perf record failed: {proc.stderr.read().strip()[:500]}")
+        return proc, data
+
+    def stop_profile(self, perf: tuple[subprocess.Popen, Path]) -> str:
+        """Stop perf, keep its report by DSO and symbol next to the results (the data file is
+        removed), and return "pg_tde_cpu_pct=X postgres_cpu_pct=Y kernel_cpu_pct=Z report=FILE"."""
+        proc, data = perf
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reports = [subprocess.run(["perf", "report", "-i", str(data), "--sort", sort, "--stdio", "-q"],
+                                  capture_output=True, text=True) for sort in ("dso", "dso,sym")]
+        data.unlink(missing_ok=True)
+        Path(str(data) + ".old").unlink(missing_ok=True)
+        for r in reports:
+            if r.returncode != 0:
+                raise RuntimeError(f"perf report failed: {r.stderr.strip()[:500]}")
+        text = data.with_suffix(".txt")
+        text.write_text(reports[0].stdout + "\n" + "\n".join(reports[1].stdout.splitlines()[:200]) + "\n")
+        return " ".join(f"{key}={dso_share(reports[0].stdout, dso):.3f}" for key, dso in
+                        (("pg_tde_cpu_pct", "pg_tde.so"), ("postgres_cpu_pct", "postgres"),
+                         ("kernel_cpu_pct", "[kernel.kallsyms]"))) + f" report={text.name}"
 
     def cold_buffers(self) -> None:
         """CHECKPOINT, then evict every shared buffer (pg_buffercache_evict, PostgreSQL 17).
@@ -413,11 +463,22 @@ class PgbenchRead(Bench):
             read_files(tree_files(self.srv.db_dir(db)))
 
     def run(self, db) -> tuple[float, str]:
+        clients = ["-c", str(self.clients), "-j", str(self.threads)]
+        # A run is ~5-8% faster when the same database ran just before it, and the plain
+        # database (side A of both comparisons) often does while the encrypted one never
+        # does; so every measured run follows an untimed 2-second select-only run of its
+        # own database (select-only: it changes nothing).
         self.srv.cold_buffers()
-        args = ["-c", str(self.clients), "-j", str(self.threads), "-T", str(self.duration)]
-        if self.select_only:
-            args.append("-S")
+        self.srv.pgbench(db, clients + ["-S", "-T", "2"], timeout=600, profiled=False)
+        self.srv.cold_buffers()
+        args = clients + (["-S"] if self.select_only else []) + ["-T", str(self.duration)]
         return parse_pgbench(self.srv.pgbench(db, args, timeout=self.duration + 600))
+
+
+def dso_share(report: str, dso: str) -> float:
+    """The percentage of `dso` in `perf report --sort dso --stdio -q` output (0 if absent)."""
+    m = re.search(r"^\s*([0-9.]+)%\s+" + re.escape(dso) + r"\s*$", report, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def parse_pgbench(out: str) -> tuple[float, str]:
@@ -428,6 +489,9 @@ def parse_pgbench(out: str) -> tuple[float, str]:
     failed = re.search(r"^number of failed transactions: (\d+)", out, re.M)
     xacts = re.search(r"^number of transactions actually processed: (\d+)", out, re.M)
     detail = f"latency_ms={lat.group(1) if lat else '?'} xacts={xacts.group(1) if xacts else '?'} failed={failed.group(1) if failed else '?'}"
+    profile = re.search(r"^profile: (.*)$", out, re.M)
+    if profile:
+        detail += " " + profile.group(1)
     return float(m.group(1)), detail
 
 
@@ -548,11 +612,15 @@ def results_from_csv(path: Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     out: dict[str, dict] = {}
     pairs: dict[tuple, dict] = {}
+    shares: dict[tuple, list[float]] = {}
     for row in rows:
         name = row["benchmark"]
         out.setdefault(name, {"name": name, "metric": row["metric"], "unit": row["unit"]})
         if row["comparison"] in ("tde", "aa") and row["role"] in ("A", "B"):
             pairs.setdefault((name, row["comparison"], row["pair"]), {})[row["role"]] = float(row["value"])
+            m = re.search(r"pg_tde_cpu_pct=([0-9.]+)", row.get("detail") or "")
+            if m:
+                shares.setdefault((name, row["comparison"], row["role"]), []).append(float(m.group(1)))
     for r in out.values():
         higher = r["unit"] == "tps"
         for comp in ("tde", "aa"):
@@ -561,6 +629,9 @@ def results_from_csv(path: Path) -> list[dict]:
             r[comp] = summarize(r[comp + "_ratios"]) if done else (None, None, None)
             r[comp + "_median_a"] = statistics.median(v["A"] for v in done) if done else None
             r[comp + "_median_b"] = statistics.median(v["B"] for v in done) if done else None
+            for role in ("A", "B"):
+                got = shares.get((r["name"], comp, role))
+                r[f"{comp}_share_{role}"] = statistics.median(got) if got else None
     loads = [float(row["loadavg_1m"]) for row in rows if row.get("loadavg_1m")]
     return list(out.values()), (min(loads), max(loads)) if loads else None
 
@@ -584,9 +655,25 @@ def render(results: list[dict], conditions: list[str], csv_path: Path) -> str:
             f"| {r['name']} | {r['unit']} | {num(r['tde_median_a'])} | {num(r['tde_median_b'])} | {num(r['aa_median_a'])} | "
             f"{num(r['aa_median_b'])} | " + " ".join(f"{100 * x:.1f}" for x in r["tde_ratios"]) + " | "
             + " ".join(f"{100 * x:.1f}" for x in r["aa_ratios"]) + " |")
+    profiled = [r for r in results if r.get("tde_share_A") is not None and r.get("tde_share_B") is not None]
+    profile = ""
+    if profiled:
+        rows = ["| benchmark | plain (median) | encrypted (median) | difference | A/A plain | A/A twin |",
+                "| --- | --- | --- | --- | --- | --- |"]
+
+        def share(x):
+            return "n/a" if x is None else f"{x:.2f}%"
+
+        for r in profiled:
+            rows.append(f"| {r['name']} | {share(r['tde_share_A'])} | {share(r['tde_share_B'])} | "
+                        f"{r['tde_share_B'] - r['tde_share_A']:+.2f} points | {share(r.get('aa_share_A'))} | "
+                        f"{share(r.get('aa_share_B'))} |")
+        profile = ("\n\nShare of the server CPU's perf samples in pg_tde.so (--profile), median of the measured runs; "
+                   "the difference is the server CPU that encryption takes (indirect costs not included):\n\n"
+                   + "\n".join(rows))
     return ("Ratios are encrypted / plain, oriented so that higher is better for pg_tde "
             "(throughput: tde/heap; duration: heap/tde).  100% = no overhead.\n\n"
-            + "\n".join(table) + "\n\nConditions:\n\n" + "\n".join(conditions)
+            + "\n".join(table) + profile + "\n\nConditions:\n\n" + "\n".join(conditions)
             + "\n\nPer-side medians (ms for durations, tps for throughput) and the individual pair ratios (%):\n\n"
             + "\n".join(medians) + f"\n\nRaw per-run numbers: {csv_path}\n")
 
@@ -707,6 +794,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the server's data directory")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the scheduler place pgbench and the server (default: pgbench on CPU 0, server on the others)")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample every measured pgbench run with perf on the server's CPUs and report pg_tde.so's share")
     ap.add_argument("--summarize", type=Path, metavar="RESULTS_DIR",
                     help="run nothing: print the table again from RESULTS_DIR/runs.csv (e.g. of an interrupted run)")
     args = ap.parse_args()
@@ -728,6 +817,8 @@ def main() -> int:
         ap.error("--pairs must be >= 1 and --scale > 0")
     if not (BIN / "pgbench").exists():
         ap.error(f"no pgbench in {BIN}: run through scripts/bench-db.sh (PG_PREFIX)")
+    if args.profile and not shutil.which("perf"):
+        ap.error("--profile needs perf (Debian: apt-get install linux-perf)")
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or (args.workdir / f"results-{stamp}")
@@ -750,6 +841,8 @@ def main() -> int:
     cpus = sorted(os.sched_getaffinity(0))
     if not args.no_pin and len(cpus) >= 2:
         srv.placement = ({cpus[0]}, set(cpus[1:]))
+    if args.profile:
+        srv.profile_dir = out
     rec = Recorder(out / "runs.csv")
     info: dict = {}
     version = "?"
@@ -822,7 +915,8 @@ def main() -> int:
         f"- method: {args.pairs} pairs per comparison after one warm-up run per side; pgbench -T {args.duration}; "
         f"seqscan median of {args.reps} scans per run; "
         + (f"pgbench runs: pgbench on CPU {sorted(srv.placement[0])}, the server on CPUs {sorted(srv.placement[1])}"
-           if srv.placement else "pgbench runs: placed by the scheduler (--no-pin)"),
+           if srv.placement else "pgbench runs: placed by the scheduler (--no-pin)")
+        + ("; measured pgbench runs sampled with perf (--profile)" if args.profile else ""),
         f"- machine: {os.cpu_count()} CPUs ({cpu}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB); "
         f"load average (1/5/15 min) at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
         f"at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}"

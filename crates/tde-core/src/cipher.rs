@@ -527,6 +527,9 @@ where
     enc.encrypt_blocks(Block::cast_slice_from_core_mut(blocks));
 }
 
+// Not inlined: its 8 KiB of saved ciphertext would otherwise sit in the frame of
+// `Engine::crypt`, and every XTS call would probe and dirty two pages of stack for it.
+#[inline(never)]
 fn cbc_decrypt_blocks<C>(aes: &C, iv: &[u8; AES_BLOCK_SIZE], blocks: &mut [[u8; AES_BLOCK_SIZE]])
 where
     C: BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
