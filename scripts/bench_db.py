@@ -124,9 +124,9 @@ class Server:
         self.port = 56000 + os.getpid() % 1000
         self.running = False
         # CPU placement for pgbench runs: (client CPUs, server CPUs), or None to let the
-        # scheduler place everything (see Server.placed).
+        # scheduler place everything (see Server.pgbench).
         self.placement: tuple[set[int], set[int]] | None = None
-        # --profile: sample measured pgbench runs with perf; perf.data files go here.
+        # --profile: sample measured pgbench runs with perf; their reports (profile-NNN-<db>.txt) go here.
         self.profile_dir: Path | None = None
         self.profiles = 0
 
