@@ -210,14 +210,29 @@ class Server:
             raise RuntimeError(f"psql failed in {db}: {r.stderr.strip()}\nSQL: {sql[:500]}")
         return r.stdout.strip()
 
-    def timed(self, stmts: list[str], db: str, setup: str = "") -> list[float]:
-        """Run `setup` untimed, then each statement with \\timing; return ms per statement."""
-        script = setup + "\n\\timing on\n" + "".join(s.rstrip(";") + ";\n" for s in stmts)
+    def timed(self, stmts: list[str], db: str, setup: str = "") -> tuple[list[float], str]:
+        """Run `setup` untimed, then each statement with \\timing.  Returns ms per statement and
+        "cpu_user_ms=U cpu_sys_ms=S": the CPU time the backend used per statement (the mean over
+        the statements), from /proc/<pid>/stat read (by psql's \\!) just before the first and after
+        the last, so that a difference in elapsed time can be told apart as CPU or waiting."""
+        stat = "\\! cat /proc/$PG_TDE_BENCH_BACKEND/stat\n"
+        script = (setup + "\nSELECT pg_backend_pid() AS pg_tde_bench_backend \\gset\n"
+                  "\\setenv PG_TDE_BENCH_BACKEND :pg_tde_bench_backend\n\\timing on\n" + stat
+                  + "".join(s.rstrip(";") + ";\n" for s in stmts) + stat)
         out = self.psql(script, db)
         times = [float(t) for t in re.findall(r"^Time: ([0-9.]+) ms", out, re.M)]
         if len(times) != len(stmts):
             raise RuntimeError(f"expected {len(stmts)} timings, got: {out[-500:]}")
-        return times
+        # /proc/<pid>/stat: "pid (comm) state ..." with utime and stime the 12th and 13th
+        # fields after the comm, in clock ticks.  \\! writes straight to the output, so the
+        # two lines are in order whatever psql's own buffering does with the rest.
+        ticks = [tuple(int(f) for f in line.rsplit(")", 1)[1].split()[11:13])
+                 for line in out.splitlines() if re.match(r"^\d+ \(postgres\) ", line)]
+        if len(ticks) != 2:
+            raise RuntimeError(f"could not read the backend's CPU time (two /proc stat lines expected): {out[-500:]}")
+        hz = os.sysconf("SC_CLK_TCK")
+        user, sys_ = ((ticks[1][i] - ticks[0][i]) * 1000 / hz / len(stmts) for i in (0, 1))
+        return times, f"cpu_user_ms={user:.0f} cpu_sys_ms={sys_:.0f}"
 
     def server_pids(self) -> list[int]:
         """The postmaster and every process it has started (all single-threaded)."""
@@ -444,9 +459,9 @@ class SeqScan(Bench):
 
     def run(self, table) -> tuple[float, str]:
         self.srv.cold_buffers()
-        times = self.srv.timed([f"SELECT count(*) FROM {table}"] * self.reps, self.db,
-                               setup="SET max_parallel_workers_per_gather = 0;")
-        return statistics.median(times), " ".join(f"{t:.1f}" for t in times)
+        times, cpu = self.srv.timed([f"SELECT count(*) FROM {table}"] * self.reps, self.db,
+                                    setup="SET max_parallel_workers_per_gather = 0;")
+        return statistics.median(times), " ".join(f"{t:.1f}" for t in times) + " " + cpu
 
 
 class PgbenchRead(Bench):
@@ -519,20 +534,20 @@ class Rewrite(Bench):
             target = f"ctas_{table}"
             srv.psql(f"DROP TABLE IF EXISTS {target}", db)
             srv.cold_buffers()
-            (ms,) = srv.timed([f"CREATE TABLE {target} USING {self.am[table]} AS SELECT * FROM {table}"], db,
-                              setup="SET max_parallel_workers_per_gather = 0;")
+            (ms,), cpu = srv.timed([f"CREATE TABLE {target} USING {self.am[table]} AS SELECT * FROM {table}"], db,
+                                   setup="SET max_parallel_workers_per_gather = 0;")
             enc = srv.psql(f"SELECT pg_tde_is_encrypted('{target}')", db)
             size = srv.psql(f"SELECT pg_relation_size('{target}')", db)
             srv.psql(f"DROP TABLE {target}", db)
-            return ms, f"encrypted={enc} bytes={size}"
+            return ms, f"encrypted={enc} bytes={size} {cpu}"
         srv.cold_buffers()
         stmt = f"VACUUM FULL {table}" if self.kind == "vacuum-full" else f"ALTER TABLE {table} ALTER COLUMN c TYPE int USING c + 0"
-        (ms,) = srv.timed([stmt], db)
+        (ms,), cpu = srv.timed([stmt], db)
         after = srv.psql(f"SELECT pg_relation_filenode('{table}')", db)
         if after == before:
             raise RuntimeError(f"{stmt} did not rewrite {table}")
         enc = srv.psql(f"SELECT pg_tde_is_encrypted('{table}')", db)
-        return ms, f"encrypted={enc} filenode={before}->{after}"
+        return ms, f"encrypted={enc} filenode={before}->{after} {cpu}"
 
 
 class WalWrite(Bench):
@@ -613,6 +628,7 @@ def results_from_csv(path: Path) -> list[dict]:
     out: dict[str, dict] = {}
     pairs: dict[tuple, dict] = {}
     shares: dict[tuple, list[float]] = {}
+    cpu_ms: dict[tuple, list[tuple[float, float]]] = {}  # (backend CPU, elapsed - CPU) per run
     for row in rows:
         name = row["benchmark"]
         out.setdefault(name, {"name": name, "metric": row["metric"], "unit": row["unit"]})
@@ -621,6 +637,10 @@ def results_from_csv(path: Path) -> list[dict]:
             m = re.search(r"pg_tde_cpu_pct=([0-9.]+)", row.get("detail") or "")
             if m:
                 shares.setdefault((name, row["comparison"], row["role"]), []).append(float(m.group(1)))
+            m = re.search(r"cpu_user_ms=([0-9.]+) cpu_sys_ms=([0-9.]+)", row.get("detail") or "")
+            if m:
+                busy = float(m.group(1)) + float(m.group(2))
+                cpu_ms.setdefault((name, row["comparison"], row["role"]), []).append((busy, float(row["value"]) - busy))
     for r in out.values():
         higher = r["unit"] == "tps"
         for comp in ("tde", "aa"):
@@ -632,6 +652,9 @@ def results_from_csv(path: Path) -> list[dict]:
             for role in ("A", "B"):
                 got = shares.get((r["name"], comp, role))
                 r[f"{comp}_share_{role}"] = statistics.median(got) if got else None
+                got = cpu_ms.get((r["name"], comp, role))
+                r[f"{comp}_cpu_{role}"] = statistics.median(c for c, _ in got) if got else None
+                r[f"{comp}_wait_{role}"] = statistics.median(w for _, w in got) if got else None
     loads = [float(row["loadavg_1m"]) for row in rows if row.get("loadavg_1m")]
     return list(out.values()), (min(loads), max(loads)) if loads else None
 
@@ -671,9 +694,20 @@ def render(results: list[dict], conditions: list[str], csv_path: Path) -> str:
         profile = ("\n\nShare of the server CPU's perf samples in pg_tde.so (--profile), median of the measured runs; "
                    "the difference is the server CPU that encryption takes (indirect costs not included):\n\n"
                    + "\n".join(rows))
+    timed = [r for r in results if r.get("tde_cpu_A") is not None and r.get("tde_cpu_B") is not None]
+    cpu_table = ""
+    if timed:
+        rows = ["| benchmark | CPU plain | CPU encrypted | difference | waiting plain | waiting encrypted | difference |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in timed:
+            a, b, wa, wb = (round(r[k]) for k in ("tde_cpu_A", "tde_cpu_B", "tde_wait_A", "tde_wait_B"))
+            rows.append(f"| {r['name']} | {a} | {b} | {b - a:+d} | {wa} | {wb} | {wb - wa:+d} |")
+        cpu_table = ("\n\nThe measuring backend's CPU time per statement (user + sys from /proc/<pid>/stat, 10 ms "
+                     "ticks) and the rest of the elapsed time (waiting: I/O, locks, other processes), ms, "
+                     "medians of the measured runs:\n\n" + "\n".join(rows))
     return ("Ratios are encrypted / plain, oriented so that higher is better for pg_tde "
             "(throughput: tde/heap; duration: heap/tde).  100% = no overhead.\n\n"
-            + "\n".join(table) + profile + "\n\nConditions:\n\n" + "\n".join(conditions)
+            + "\n".join(table) + profile + cpu_table + "\n\nConditions:\n\n" + "\n".join(conditions)
             + "\n\nPer-side medians (ms for durations, tps for throughput) and the individual pair ratios (%):\n\n"
             + "\n".join(medians) + f"\n\nRaw per-run numbers: {csv_path}\n")
 
