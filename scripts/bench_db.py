@@ -212,9 +212,10 @@ class Server:
 
     def timed(self, stmts: list[str], db: str, setup: str = "") -> tuple[list[float], str]:
         """Run `setup` untimed, then each statement with \\timing.  Returns ms per statement and
-        "cpu_user_ms=U cpu_sys_ms=S": the CPU time the backend used per statement (the mean over
-        the statements), from /proc/<pid>/stat read (by psql's \\!) just before the first and after
-        the last, so that a difference in elapsed time can be told apart as CPU or waiting."""
+        "cpu_user_ms=U cpu_sys_ms=S wait_ms=W": the CPU time the backend used per statement (the
+        mean over the statements), from /proc/<pid>/stat read (by psql's \\!) just before the first
+        and after the last, and the rest of the mean elapsed time, so that a difference in elapsed
+        time can be told apart as CPU or waiting."""
         stat = "\\! cat /proc/$PG_TDE_BENCH_BACKEND/stat\n"
         script = (setup + "\nSELECT pg_backend_pid() AS pg_tde_bench_backend \\gset\n"
                   "\\setenv PG_TDE_BENCH_BACKEND :pg_tde_bench_backend\n\\timing on\n" + stat
@@ -232,7 +233,8 @@ class Server:
             raise RuntimeError(f"could not read the backend's CPU time (two /proc stat lines expected): {out[-500:]}")
         hz = os.sysconf("SC_CLK_TCK")
         user, sys_ = ((ticks[1][i] - ticks[0][i]) * 1000 / hz / len(stmts) for i in (0, 1))
-        return times, f"cpu_user_ms={user:.0f} cpu_sys_ms={sys_:.0f}"
+        wait = statistics.fmean(times) - user - sys_
+        return times, f"cpu_user_ms={user:.0f} cpu_sys_ms={sys_:.0f} wait_ms={wait:.0f}"
 
     def server_pids(self) -> list[int]:
         """The postmaster and every process it has started (all single-threaded)."""
@@ -628,7 +630,7 @@ def results_from_csv(path: Path) -> list[dict]:
     out: dict[str, dict] = {}
     pairs: dict[tuple, dict] = {}
     shares: dict[tuple, list[float]] = {}
-    cpu_ms: dict[tuple, list[tuple[float, float]]] = {}  # (backend CPU, elapsed - CPU) per run
+    cpu_ms: dict[tuple, list[tuple[float, float]]] = {}  # (backend CPU, waiting) per run
     for row in rows:
         name = row["benchmark"]
         out.setdefault(name, {"name": name, "metric": row["metric"], "unit": row["unit"]})
@@ -637,10 +639,10 @@ def results_from_csv(path: Path) -> list[dict]:
             m = re.search(r"pg_tde_cpu_pct=([0-9.]+)", row.get("detail") or "")
             if m:
                 shares.setdefault((name, row["comparison"], row["role"]), []).append(float(m.group(1)))
-            m = re.search(r"cpu_user_ms=([0-9.]+) cpu_sys_ms=([0-9.]+)", row.get("detail") or "")
+            m = re.search(r"cpu_user_ms=([0-9.]+) cpu_sys_ms=([0-9.]+) wait_ms=(-?[0-9.]+)", row.get("detail") or "")
             if m:
-                busy = float(m.group(1)) + float(m.group(2))
-                cpu_ms.setdefault((name, row["comparison"], row["role"]), []).append((busy, float(row["value"]) - busy))
+                cpu_ms.setdefault((name, row["comparison"], row["role"]), []).append(
+                    (float(m.group(1)) + float(m.group(2)), float(m.group(3))))
     for r in out.values():
         higher = r["unit"] == "tps"
         for comp in ("tde", "aa"):
