@@ -1,10 +1,11 @@
 //! The cipher passes around AES that run faster with AVX-512, chosen at run time.
 //!
-//! The block cipher itself is the `aes` crate's `encrypt_blocks` over a whole
-//! page (it picks VAES-512 at run time).  What the modes add around it is done
-//! here, 64 bytes at a time, when the CPU has AVX-512F, AVX-512BW and
-//! VPCLMULQDQ; `cipher.rs` and `wal.rs` keep portable versions of the same
-//! passes, used on other CPUs and by the tests as the reference.
+//! The block cipher is the `aes` crate's: its `encrypt_blocks` over a whole
+//! page (it picks VAES-512 at run time), or, for XTS, its key schedule fed to
+//! the VAES instructions here.  What the modes add around AES is done here, 64
+//! bytes at a time, when the CPU has AVX-512F, AVX-512BW, VPCLMULQDQ and VAES;
+//! `cipher.rs` and `wal.rs` keep portable versions of the same passes, used on
+//! other CPUs and by the tests as the reference.
 //!
 //! **XTS** encrypts block `j` of a data unit as `AES(P_j ^ T_j) ^ T_j` with
 //! `T_j = T_0 * alpha^j` in GF(2^128).  Four 512-bit registers hold 16
@@ -14,6 +15,16 @@
 //! polynomial's low terms `0x87` (`x^128 = x^7 + x^2 + x + 1`; a 16-bit by 8-bit
 //! product has 23 bits and needs no second reduction).  The first pass XORs the
 //! tweaks into 16 blocks and stores them for the second pass in the same loop.
+//!
+//! **XTS in one pass** ([`Avx512::xts_fused`]) keeps 32 tweaks in eight
+//! registers (stepping by `alpha^32` the same way) and never stores them: each
+//! block goes through `P ^ T ^ K_0` (one three-way XOR), the middle rounds, and
+//! `aesenclast(x, K_last ^ T)`, which equals `aesenclast(x, K_last) ^ T` because
+//! the last round ends by adding its key (the same for decryption with the
+//! equivalent inverse cipher's keys).  The round keys are the `aes` crate's
+//! (exposed by the vendored patch in `third_party/`); only the instructions that
+//! apply them are here.  The broadcast round keys live in registers and the
+//! stack frame of that one function, as they do in the crate's own VAES back end.
 //!
 //! **CTR** (WAL) needs the big-endian counter blocks `c, c+1, ...`: four
 //! 128-bit lanes count in little-endian 64-bit halves and are byte-reversed
@@ -28,6 +39,10 @@
 
 /// Blocks processed per step of the first pass (four registers of four blocks).
 pub(crate) const STEP_BLOCKS: usize = 16;
+
+/// Blocks processed per step of the fused XTS pass (eight registers of four blocks: enough
+/// independent AES rounds in flight to cover the latency of `vaesenc`).
+pub(crate) const FUSED_BLOCKS: usize = 32;
 
 /// Blocks of a page (8 KiB).
 pub(crate) const PAGE_BLOCKS: usize = 512;
@@ -57,7 +72,8 @@ pub(crate) fn xor_bytes(simd: Option<Avx512>, data: &mut [u8], stream: &[u8]) {
     }
 }
 
-/// Proof that this CPU has AVX-512F, AVX-512BW and VPCLMULQDQ. Only [`Avx512::detect`] makes one.
+/// Proof that this CPU has AVX-512F, AVX-512BW, VPCLMULQDQ and VAES. Only [`Avx512::detect`]
+/// makes one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512(());
 
@@ -76,6 +92,7 @@ impl Avx512 {
             if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("vpclmulqdq")
+                && std::is_x86_feature_detected!("vaes")
             {
                 return Some(Avx512(()));
             }
@@ -115,6 +132,63 @@ impl Avx512 {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (src_ptr, dst_ptr, first);
+    }
+
+    /// XTS over `n` blocks (`dst.len()`, a multiple of [`FUSED_BLOCKS`]) in one pass, with the
+    /// AES rounds run here on the `aes` crate's key schedule `round_keys` (11, 13 or 15 round
+    /// keys: the encryption schedule to encrypt, the equivalent inverse cipher's to decrypt).
+    /// `first` holds `T_0 .. T_7`. `src` `None` means in place.
+    ///
+    /// # Panics
+    /// If the lengths differ, are not a multiple of [`FUSED_BLOCKS`], or `round_keys` does not
+    /// have 11, 13 or 15 entries.
+    pub(crate) fn xts_fused(
+        self,
+        round_keys: &[[u8; 16]],
+        decrypt: bool,
+        src: Option<&[[u8; 16]]>,
+        dst: &mut [[u8; 16]],
+        first: &[[u8; 16]; 8],
+    ) {
+        let n = dst.len();
+        assert_eq!(n % FUSED_BLOCKS, 0, "fused XTS works on multiples of {FUSED_BLOCKS} blocks");
+        let dst_ptr = dst.as_mut_ptr();
+        let src_ptr = match src {
+            Some(s) => {
+                assert_eq!(s.len(), n);
+                s.as_ptr()
+            }
+            None => dst_ptr.cast_const(),
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            macro_rules! run {
+                ($rk:literal) => {{
+                    let keys: &[[u8; 16]; $rk] = round_keys.try_into().expect("length checked by the match");
+                    // SAFETY: `self` exists only if `detect` found the features the function is
+                    // compiled for; `src_ptr` (a slice distinct from `dst`, or `dst` itself) and
+                    // `dst` are each valid for `n` blocks, a multiple of 32, checked above.
+                    unsafe {
+                        if decrypt {
+                            x86::xts_avx512::<$rk, true>(keys, src_ptr, dst_ptr, n, first)
+                        } else {
+                            x86::xts_avx512::<$rk, false>(keys, src_ptr, dst_ptr, n, first)
+                        }
+                    }
+                }};
+            }
+            match round_keys.len() {
+                11 => run!(11),
+                13 => run!(13),
+                15 => run!(15),
+                other => panic!("an AES key schedule has 11, 13 or 15 round keys, not {other}"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (round_keys, decrypt, src_ptr, first);
+            unreachable!("Avx512 is only detected on x86_64")
+        }
     }
 
     /// Big-endian counter blocks `out[i] = first + i`, for runs whose low 64 bits do not
@@ -195,6 +269,95 @@ mod x86 {
                 }
                 *tl = mul_alpha16(*tl, poly);
             }
+        }
+    }
+
+    /// Multiply each 128-bit lane by alpha^8: as [`mul_alpha16`], one byte at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    fn mul_alpha8(t: __m512i, poly: __m512i) -> __m512i {
+        let carry = _mm512_bsrli_epi128::<15>(t);
+        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
+        _mm512_xor_si512(_mm512_bslli_epi128::<1>(t), fold)
+    }
+
+    /// Multiply each 128-bit lane by alpha^32: as [`mul_alpha16`], four bytes at a time (a
+    /// 32-bit by 8-bit product has 39 bits and lands below the shifted lane's 32 zero bits).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    fn mul_alpha32(t: __m512i, poly: __m512i) -> __m512i {
+        let carry = _mm512_bsrli_epi128::<12>(t);
+        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
+        _mm512_xor_si512(_mm512_bslli_epi128::<4>(t), fold)
+    }
+
+    /// XTS in one pass: for each block, `AES(P ^ T) ^ T` with both XORs folded into AES's
+    /// first and last key additions (`P ^ T ^ K_0` in one three-way XOR, and
+    /// `aes{enc,dec}last(x, K_last ^ T)`, which is `aes{enc,dec}last(x, K_last) ^ T`, since
+    /// the last round ends by adding its key). Eight registers of four blocks per step; the
+    /// eight tweak registers step by alpha^32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW, VPCLMULQDQ and VAES; `src` (may equal `dst`) and
+    /// `dst` point to `n` blocks each, `n` a multiple of 32.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq,vaes")]
+    pub(super) unsafe fn xts_avx512<const RK: usize, const DECRYPT: bool>(
+        round_keys: &[[u8; 16]; RK],
+        src: *const [u8; 16],
+        dst: *mut [u8; 16],
+        n: usize,
+        first: &[[u8; 16]; 8],
+    ) {
+        const W: usize = super::FUSED_BLOCKS / 4;
+        let mut keys = [_mm512_setzero_si512(); RK];
+        for (k, rk) in keys.iter_mut().zip(round_keys) {
+            // SAFETY: `rk` is 16 bytes; unaligned load.
+            *k = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.as_ptr().cast()) });
+        }
+        let poly = _mm512_set1_epi64(0x87);
+        let f = first.as_ptr().cast::<__m512i>();
+        let mut t = [_mm512_setzero_si512(); W];
+        // SAFETY: `first` is 8 blocks, i.e. two 512-bit values; unaligned loads.
+        (t[0], t[1]) = unsafe { (_mm512_loadu_si512(f), _mm512_loadu_si512(f.add(1))) };
+        for i in 2..W {
+            t[i] = mul_alpha8(t[i - 2], poly);
+        }
+        let (src, dst) = (src.cast::<__m512i>(), dst.cast::<__m512i>());
+        // The eight registers of a step, written out: with loops over the arrays LLVM kept the
+        // tweaks and blocks on the stack between rounds.
+        macro_rules! each {
+            ($i:ident => $body:block) => {{
+                each!(@ $i $body 0 1 2 3 4 5 6 7);
+            }};
+            (@ $i:ident $body:block $($n:literal)*) => {{
+                const { assert!(W == 8) };
+                $( { let $i: usize = $n; $body } )*
+            }};
+        }
+        let mut x = [_mm512_setzero_si512(); W];
+        for step in 0..n / super::FUSED_BLOCKS {
+            let base = step * W;
+            each!(i => {
+                // SAFETY: base + i < n / 4 512-bit values in `src`; unaligned load.
+                let p = unsafe { _mm512_loadu_si512(src.add(base + i)) };
+                x[i] = _mm512_ternarylogic_epi64::<0x96>(p, t[i], keys[0]);
+            });
+            for key in &keys[1..RK - 1] {
+                each!(i => {
+                    x[i] = if DECRYPT { _mm512_aesdec_epi128(x[i], *key) } else { _mm512_aesenc_epi128(x[i], *key) };
+                });
+            }
+            each!(i => {
+                let last = _mm512_xor_si512(keys[RK - 1], t[i]);
+                let c = if DECRYPT {
+                    _mm512_aesdeclast_epi128(x[i], last)
+                } else {
+                    _mm512_aesenclast_epi128(x[i], last)
+                };
+                // SAFETY: as the load above, in `dst`; unaligned store.
+                unsafe { _mm512_storeu_si512(dst.add(base + i), c) };
+                t[i] = mul_alpha32(t[i], poly);
+            });
         }
     }
 

@@ -29,11 +29,16 @@
 //! and block `j` is `C_j = AES-Enc(key1, P_j ^ T_j) ^ T_j`. Pages are a multiple of
 //! 16 bytes, so ciphertext stealing is never needed (and not implemented).
 //!
-//! For speed, all tweaks of a page are computed first, the page is XORed with
-//! them, encrypted with a single `encrypt_blocks` call over all 512 blocks (which
-//! lets the `aes` crate use its widest backend: AES-NI pipelining, VAES-256 or
-//! VAES-512, all detected at run time), and XORed again. The `xts-mode` crate,
-//! which encrypts one block at a time, is ~25x slower here and is not used.
+//! On a CPU with AVX-512 and VAES a page is done in one pass
+//! (`Avx512::xts_fused`): 32 blocks at a time, tweaks in registers, the AES
+//! rounds run on the `aes` crate's own key schedule with the tweak XORs folded
+//! into the first and last round keys. Elsewhere (and for buffers that are not a
+//! multiple of 32 blocks) all tweaks of a page are computed first, the page is
+//! XORed with them, encrypted with a single `encrypt_blocks` call over all 512
+//! blocks (which lets the `aes` crate use its widest backend: AES-NI pipelining,
+//! VAES-256 or VAES-512, all detected at run time), and XORed again. The
+//! `xts-mode` crate, which encrypts one block at a time, is ~25x slower here and
+//! is not used.
 //!
 //! # CBC (`aes_128`, `aes_256`)
 //!
@@ -56,7 +61,7 @@ use aes::cipher::{
 use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc};
 use zeroize::Zeroizing;
 
-use crate::avx512::{self, Avx512, PageBlocks, PAGE_BLOCKS, STEP_BLOCKS};
+use crate::avx512::{self, Avx512, PageBlocks, FUSED_BLOCKS, PAGE_BLOCKS, STEP_BLOCKS};
 use crate::error::{Result, TdeError};
 
 /// Size of a PostgreSQL page (`BLCKSZ`).
@@ -239,8 +244,25 @@ fn xts_halves_equal(key: &[u8]) -> bool {
 pub struct PageCipher {
     cipher: Cipher,
     engine: Engine,
-    /// The AVX-512 tweak passes, when this CPU has them.
+    /// Which XTS passes this CPU runs.
+    passes: Passes,
+}
+
+/// How XTS runs: portably, or with AVX-512 in two passes around the `aes` crate's
+/// `encrypt_blocks`, or (`fuse`) in one pass that runs the AES rounds itself on the crate's key
+/// schedule. CTR and CBC use only `simd`.
+#[derive(Clone, Copy)]
+struct Passes {
     simd: Option<Avx512>,
+    fuse: bool,
+}
+
+impl Passes {
+    /// The fastest this CPU has.
+    fn detected() -> Passes {
+        let simd = Avx512::detected();
+        Passes { simd, fuse: simd.is_some() }
+    }
 }
 
 enum Engine {
@@ -279,21 +301,60 @@ impl Engine {
 
     /// Encrypt or decrypt `dst` as one data unit; `src` `None` means in place, otherwise `src`
     /// (same length) is the input.
-    fn crypt(&self, tweak: u128, src: Option<&[u8]>, dst: &mut [u8], dir: Direction, simd: Option<Avx512>) {
+    fn crypt(&self, tweak: u128, src: Option<&[u8]>, dst: &mut [u8], dir: Direction, passes: Passes) {
         let (blocks, tail) = dst.as_chunks_mut::<AES_BLOCK_SIZE>();
         assert!(tail.is_empty(), "buffer length must be a multiple of {AES_BLOCK_SIZE} bytes");
         let src = src.map(|s| {
             assert_eq!(s.len(), blocks.len() * AES_BLOCK_SIZE, "input and output lengths differ");
             s.as_chunks::<AES_BLOCK_SIZE>().0
         });
+        let simd = passes.simd;
         match self {
-            Engine::Xts128 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, simd),
-            Engine::Xts256 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, simd),
+            Engine::Xts128 { data, tweak: tk } => {
+                xts_crypt(data, tk, tweak, src, blocks, dir, simd, fused(data, passes))
+            }
+            Engine::Xts256 { data, tweak: tk } => {
+                xts_crypt(data, tk, tweak, src, blocks, dir, simd, fused(data, passes))
+            }
             Engine::Cbc128 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, copied_in(src, blocks), dir),
             Engine::Cbc256 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, copied_in(src, blocks), dir),
         }
     }
 }
+
+/// The AES key schedules that [`Avx512::xts_fused`] runs on, when this CPU has the passes and
+/// the `aes` crate chose AES-NI for `aes` (it always does on a CPU with VAES).
+fn fused<C: RoundKeys>(aes: &C, passes: Passes) -> Option<(Avx512, FusedKeys<'_>)> {
+    let x = passes.simd.filter(|_| passes.fuse)?;
+    Some((x, aes.round_keys()?))
+}
+
+/// The encryption and decryption key schedules of one AES key, as the AES instructions use them.
+#[derive(Clone, Copy)]
+struct FusedKeys<'a> {
+    encrypt: &'a [[u8; AES_BLOCK_SIZE]],
+    decrypt: &'a [[u8; AES_BLOCK_SIZE]],
+}
+
+/// AES types whose key schedules the fused XTS pass can use.
+trait RoundKeys {
+    /// The round keys, when the `aes` crate's AES-NI back end holds them.
+    fn round_keys(&self) -> Option<FusedKeys<'_>>;
+}
+
+macro_rules! impl_round_keys {
+    ($($aes:ty),*) => {$(
+        impl RoundKeys for $aes {
+            fn round_keys(&self) -> Option<FusedKeys<'_>> {
+                #[cfg(target_arch = "x86_64")]
+                return self.x86_round_keys().map(|(encrypt, decrypt)| FusedKeys { encrypt, decrypt });
+                #[cfg(not(target_arch = "x86_64"))]
+                return None;
+            }
+        }
+    )*};
+}
+impl_round_keys!(Aes128, Aes256);
 
 /// `dst`, with `src` copied into it first if there is one (CBC works in place only).
 fn copied_in<'a>(
@@ -321,7 +382,7 @@ impl PageCipher {
     pub fn new(key: &RelKey) -> PageCipher {
         let engine = Engine::new(key.cipher, key.key_material(), &key.base_iv)
             .expect("a RelKey always holds key_len() bytes of key material");
-        PageCipher { cipher: key.cipher, engine, simd: Avx512::detected() }
+        PageCipher { cipher: key.cipher, engine, passes: Passes::detected() }
     }
 
     /// The cipher of this page cipher.
@@ -332,20 +393,20 @@ impl PageCipher {
     /// Encrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn encrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Encrypt, self.simd);
+        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Encrypt, self.passes);
     }
 
     /// Encrypt the page `src` into `dst`, leaving `src` untouched (one pass fewer than copying
     /// and encrypting in place). Both must be exactly [`PAGE_SIZE`] bytes.
     pub fn encrypt_page_into(&self, fork: u32, block: u32, src: &[u8], dst: &mut [u8]) {
         assert_eq!(dst.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine.crypt(page_tweak(fork, block), Some(src), dst, Direction::Encrypt, self.simd);
+        self.engine.crypt(page_tweak(fork, block), Some(src), dst, Direction::Encrypt, self.passes);
     }
 
     /// Decrypt one page in place. `page` must be exactly [`PAGE_SIZE`] bytes.
     pub fn decrypt_page(&self, fork: u32, block: u32, page: &mut [u8]) {
         assert_eq!(page.len(), PAGE_SIZE, "a page must be {PAGE_SIZE} bytes");
-        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Decrypt, self.simd);
+        self.engine.crypt(page_tweak(fork, block), None, page, Direction::Decrypt, self.passes);
     }
 
     /// Encrypt a buffer of any multiple of 16 bytes as one data unit with the given tweak.
@@ -353,7 +414,7 @@ impl PageCipher {
     /// # Panics
     /// If `buf.len()` is not a multiple of 16.
     pub fn encrypt_buf(&self, tweak: u128, buf: &mut [u8]) {
-        self.engine.crypt(tweak, None, buf, Direction::Encrypt, self.simd);
+        self.engine.crypt(tweak, None, buf, Direction::Encrypt, self.passes);
     }
 
     /// Decrypt a buffer of any multiple of 16 bytes as one data unit with the given tweak.
@@ -361,7 +422,7 @@ impl PageCipher {
     /// # Panics
     /// If `buf.len()` is not a multiple of 16.
     pub fn decrypt_buf(&self, tweak: u128, buf: &mut [u8]) {
-        self.engine.crypt(tweak, None, buf, Direction::Decrypt, self.simd);
+        self.engine.crypt(tweak, None, buf, Direction::Decrypt, self.passes);
     }
 }
 
@@ -413,7 +474,9 @@ fn whiten_in_portable(
 }
 
 /// XTS over `dst` as one data unit with sequence number `seq`. `src` `None` means in place;
-/// otherwise `src` (same length) is the input and `dst` receives the output.
+/// otherwise `src` (same length) is the input and `dst` receives the output. With `fused`,
+/// buffers of a multiple of [`FUSED_BLOCKS`] blocks (pages) take the one-pass AVX-512 path.
+#[allow(clippy::too_many_arguments)]
 fn xts_crypt<D, T>(
     data_key: &D,
     tweak_key: &T,
@@ -422,6 +485,7 @@ fn xts_crypt<D, T>(
     dst: &mut [[u8; AES_BLOCK_SIZE]],
     dir: Direction,
     simd: Option<Avx512>,
+    fused: Option<(Avx512, FusedKeys<'_>)>,
 ) where
     D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
     T: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>,
@@ -432,6 +496,20 @@ fn xts_crypt<D, T>(
     let mut t0 = Block::from(seq.to_le_bytes());
     tweak_key.encrypt_block(&mut t0);
     let mut next = u128::from_le_bytes(t0.into());
+
+    if let Some((x, keys)) = fused.filter(|_| dst.len().is_multiple_of(FUSED_BLOCKS)) {
+        let mut first = [[0; AES_BLOCK_SIZE]; 8];
+        for f in &mut first {
+            *f = next.to_le_bytes();
+            next = mul_alpha(next);
+        }
+        let round_keys = match dir {
+            Direction::Encrypt => keys.encrypt,
+            Direction::Decrypt => keys.decrypt,
+        };
+        x.xts_fused(round_keys, dir == Direction::Decrypt, src, dst, &first);
+        return;
+    }
 
     // Buffers longer than a page are processed a page at a time; the tweak chain
     // continues across chunks, so the whole buffer is one data unit.
@@ -602,17 +680,17 @@ pub fn cbc_decrypt_raw(key: &[u8], iv: &[u8; 16], buf: &mut [u8]) -> Result<()> 
 }
 
 fn raw_xts(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction) -> Result<()> {
-    raw_xts_with(key, seq, buf, dir, Avx512::detected())
+    raw_xts_with(key, seq, buf, dir, Passes::detected())
 }
 
-fn raw_xts_with(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction, simd: Option<Avx512>) -> Result<()> {
+fn raw_xts_with(key: &[u8], seq: u128, buf: &mut [u8], dir: Direction, passes: Passes) -> Result<()> {
     let cipher = match key.len() {
         32 => Cipher::Aes128Xts,
         64 => Cipher::Aes256Xts,
         n => return Err(TdeError::Invalid(format!("XTS key must be 32 or 64 bytes, got {n}"))),
     };
     blocks_of(buf)?;
-    Engine::new(cipher, key, &[0u8; BASE_IV_LEN])?.crypt(seq, None, buf, dir, simd);
+    Engine::new(cipher, key, &[0u8; BASE_IV_LEN])?.crypt(seq, None, buf, dir, passes);
     Ok(())
 }
 
@@ -815,13 +893,15 @@ mod tests {
         assert_eq!(hex_str(&buf), hex_str(&hex(V4_CT)));
     }
 
-    /// The tweak-pass variants this CPU can run: always the portable one, and AVX-512 if present.
-    fn whitenings() -> Vec<(&'static str, Option<Avx512>)> {
-        let mut v = vec![("portable", None)];
+    /// The XTS pass variants this CPU can run: always the portable one, and with AVX-512 the
+    /// two-pass and the fused one.
+    fn whitenings() -> Vec<(&'static str, Passes)> {
+        let mut v = vec![("portable", Passes { simd: None, fuse: false })];
         if let Some(x) = Avx512::detect() {
-            v.push(("avx512", Some(x)));
+            v.push(("avx512 two passes", Passes { simd: Some(x), fuse: false }));
+            v.push(("avx512 fused", Passes { simd: Some(x), fuse: true }));
         } else {
-            eprintln!("this CPU has no AVX-512F/BW + VPCLMULQDQ: only the portable XTS passes are tested");
+            eprintln!("this CPU has no AVX-512F/BW + VPCLMULQDQ + VAES: only the portable XTS passes are tested");
         }
         v
     }
@@ -831,7 +911,7 @@ mod tests {
         for (name, whitening) in whitenings() {
             for key_len in [32usize, 64] {
                 let key = random_bytes(key_len);
-                for blocks in [1usize, 2, 7, 8, 9, 16, 31, 32, 48, 511, 512, 513, 528, 1024, 1500] {
+                for blocks in [1usize, 2, 7, 8, 9, 16, 31, 32, 48, 64, 96, 511, 512, 513, 528, 1024, 1500] {
                     let seq = u128::from_le_bytes(random_bytes(16).try_into().unwrap());
                     let pt = random_bytes(blocks * 16);
                     let mut fast = pt.clone();

@@ -493,6 +493,35 @@ macro_rules! define_aes_impl {
         impl_key_init!($name, $name, $key_size, $module::Inner);
         impl_encrypt!($name, $name);
         impl_decrypt!($name, $name);
+
+        impl $name {
+            /// The AES-NI key schedules, `(encryption, decryption)`, one 16-byte round key
+            /// each (11, 13 or 15), when this instance runs on AES-NI; `None` with the
+            /// software back end.  The decryption schedule is the equivalent inverse
+            /// cipher's, in the order `aesdec` uses it: XOR with the first, `aesdec` with
+            /// the middle ones, `aesdeclast` with the last.
+            ///
+            /// Not part of the crate's API (pg_tde patch): it lets a block-cipher mode feed
+            /// this crate's key schedule to the AES instructions itself, with the mode's
+            /// XORs folded into the first and last rounds.
+            #[cfg(all(any(target_arch = "x86_64", target_arch = "x86"), not(aes_backend = "soft")))]
+            #[doc(hidden)]
+            pub fn x86_round_keys(&self) -> Option<(&[[u8; 16]], &[[u8; 16]])> {
+                if !self.token.aes.get() {
+                    return None;
+                }
+                // SAFETY: the token says `new` built the AES-NI variant of the union.
+                let aes = unsafe { &self.inner.aes };
+                fn bytes<K: Copy>(rk: &[K]) -> &[[u8; 16]] {
+                    const { assert!(core::mem::size_of::<K>() == 16) };
+                    // SAFETY: a round key (`__m128i`) is 16 plain bytes with no invalid
+                    // values and an alignment of 16, so `rk.len()` round keys are as many
+                    // 16-byte arrays; the result borrows `rk`.
+                    unsafe { core::slice::from_raw_parts(rk.as_ptr().cast::<[u8; 16]>(), rk.len()) }
+                }
+                Some((bytes(&aes.enc_rk[..]), bytes(&aes.dec_rk[..])))
+            }
+        }
         impl_from_enc!($name, $name_enc, $module::Inner, as_encdec);
 
         #[doc=$doc]
