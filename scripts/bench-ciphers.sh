@@ -43,6 +43,7 @@ for bits in 128 256; do
         row "wal aes_${bits}_ctr" "encrypt" "wal/aes_${bits}_ctr/$size" "$size" "aes-$bits-ctr"
     done
 done
-printf '\n(%s; %s; XTS tweak passes: %s)\n' "$(openssl version)" \
+printf '\n(%s; %s; XTS: %s)\n' "$(openssl version)" \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
-    "$(grep -qw avx512bw /proc/cpuinfo && grep -qw vpclmulqdq /proc/cpuinfo && echo AVX-512 || echo portable)"
+    "$(grep -qw avx512bw /proc/cpuinfo && grep -qw vpclmulqdq /proc/cpuinfo && grep -qw vaes /proc/cpuinfo &&
+        echo 'one pass, AVX-512 + VAES' || echo 'portable tweak passes around the aes crate')"
