@@ -3,9 +3,9 @@
 //! The block cipher is the `aes` crate's: its `encrypt_blocks` over a whole
 //! page (it picks VAES-512 at run time), or, for XTS, its key schedule fed to
 //! the VAES instructions here.  What the modes add around AES is done here, 64
-//! bytes at a time, when the CPU has AVX-512F, AVX-512BW, VPCLMULQDQ and VAES;
-//! `cipher.rs` and `wal.rs` keep portable versions of the same passes, used on
-//! other CPUs and by the tests as the reference.
+//! bytes at a time, when the CPU has AVX-512F, AVX-512BW and VPCLMULQDQ (and,
+//! for the one-pass XTS, VAES); `cipher.rs` and `wal.rs` keep portable versions
+//! of the same passes, used on other CPUs and by the tests as the reference.
 //!
 //! **XTS** encrypts block `j` of a data unit as `AES(P_j ^ T_j) ^ T_j` with
 //! `T_j = T_0 * alpha^j` in GF(2^128).  Four 512-bit registers hold 16
@@ -16,7 +16,7 @@
 //! product has 23 bits and needs no second reduction).  The first pass XORs the
 //! tweaks into 16 blocks and stores them for the second pass in the same loop.
 //!
-//! **XTS in one pass** ([`Avx512::xts_fused`]) keeps 32 tweaks in eight
+//! **XTS in one pass** ([`Vaes512::xts_fused`]) keeps 32 tweaks in eight
 //! registers (stepping by `alpha^32` the same way) and never stores them: each
 //! block goes through `P ^ T ^ K_0` (one three-way XOR), the middle rounds, and
 //! `aesenclast(x, K_last ^ T)`, which equals `aesenclast(x, K_last) ^ T` because
@@ -72,8 +72,7 @@ pub(crate) fn xor_bytes(simd: Option<Avx512>, data: &mut [u8], stream: &[u8]) {
     }
 }
 
-/// Proof that this CPU has AVX-512F, AVX-512BW, VPCLMULQDQ and VAES. Only [`Avx512::detect`]
-/// makes one.
+/// Proof that this CPU has AVX-512F, AVX-512BW and VPCLMULQDQ. Only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512(());
 
@@ -92,12 +91,22 @@ impl Avx512 {
             if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("vpclmulqdq")
-                && std::is_x86_feature_detected!("vaes")
             {
                 return Some(Avx512(()));
             }
         }
         None
+    }
+
+    /// Proof that this CPU also has VAES (512-bit AES instructions), for [`Vaes512::xts_fused`];
+    /// computed once per process.
+    pub(crate) fn vaes(self) -> Option<Vaes512> {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        #[cfg(target_arch = "x86_64")]
+        let has = *DETECTED.get_or_init(|| std::is_x86_feature_detected!("vaes"));
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = *DETECTED.get_or_init(|| false);
+        has.then_some(Vaes512(()))
     }
 
     /// First pass: `dst[j] = src[j] ^ T_j` and `tweaks[j] = T_j` where `first` holds
@@ -134,6 +143,38 @@ impl Avx512 {
         let _ = (src_ptr, dst_ptr, first);
     }
 
+    /// Big-endian counter blocks `out[i] = first + i`, for runs whose low 64 bits do not
+    /// wrap (the caller checks; this panics otherwise).
+    pub(crate) fn ctr_counters(self, first: u128, out: &mut [[u8; 16]]) {
+        let lo = first as u64;
+        assert!(lo.checked_add(out.len() as u64).is_some(), "counter run wraps its low 64 bits");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features are present (see `whiten_in`); `out` holds `out.len()` blocks.
+        unsafe {
+            x86::ctr_counters_avx512(lo, (first >> 64) as u64, out.as_mut_ptr(), out.len())
+        };
+    }
+
+    /// `data[i] ^= stream[i]` for equal-length byte slices (see [`xor_bytes`]).
+    fn xor_bytes(self, data: &mut [u8], stream: &[u8]) {
+        assert_eq!(data.len(), stream.len());
+        let whole = data.len() / 64 * 64;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the features are present (see `whiten_in`); both slices hold `whole` bytes.
+        unsafe {
+            x86::xor_avx512(data.as_mut_ptr(), stream.as_ptr(), whole / 64)
+        };
+        for (d, k) in data[whole..].iter_mut().zip(&stream[whole..]) {
+            *d ^= k;
+        }
+    }
+}
+
+/// Proof that this CPU has everything [`Avx512`] needs and VAES. Only [`Avx512::vaes`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Vaes512(());
+
+impl Vaes512 {
     /// XTS over `n` blocks (`dst.len()`, a multiple of [`FUSED_BLOCKS`]) in one pass, with the
     /// AES rounds run here on the `aes` crate's key schedule `round_keys` (11, 13 or 15 round
     /// keys: the encryption schedule to encrypt, the equivalent inverse cipher's to decrypt).
@@ -165,8 +206,10 @@ impl Avx512 {
             macro_rules! run {
                 ($rk:literal) => {{
                     let keys: &[[u8; 16]; $rk] = round_keys.try_into().expect("length checked by the match");
-                    // SAFETY: `self` exists only if `detect` found the features the function is
-                    // compiled for; `src_ptr` (a slice distinct from `dst`, or `dst` itself) and
+                    // SAFETY: `self` exists only if `Avx512::detect` and `Avx512::vaes` found the
+                    // features the function is compiled for (VAES implies AES-NI and AVX2 to the
+                    // compiler; AES-NI is also what the `aes` crate checked before it handed out
+                    // the round keys); `src_ptr` (a slice distinct from `dst`, or `dst` itself) and
                     // `dst` are each valid for `n` blocks, a multiple of 32, checked above.
                     unsafe {
                         if decrypt {
@@ -187,33 +230,7 @@ impl Avx512 {
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (round_keys, decrypt, src_ptr, first);
-            unreachable!("Avx512 is only detected on x86_64")
-        }
-    }
-
-    /// Big-endian counter blocks `out[i] = first + i`, for runs whose low 64 bits do not
-    /// wrap (the caller checks; this panics otherwise).
-    pub(crate) fn ctr_counters(self, first: u128, out: &mut [[u8; 16]]) {
-        let lo = first as u64;
-        assert!(lo.checked_add(out.len() as u64).is_some(), "counter run wraps its low 64 bits");
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features are present (see `whiten_in`); `out` holds `out.len()` blocks.
-        unsafe {
-            x86::ctr_counters_avx512(lo, (first >> 64) as u64, out.as_mut_ptr(), out.len())
-        };
-    }
-
-    /// `data[i] ^= stream[i]` for equal-length byte slices (see [`xor_bytes`]).
-    fn xor_bytes(self, data: &mut [u8], stream: &[u8]) {
-        assert_eq!(data.len(), stream.len());
-        let whole = data.len() / 64 * 64;
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the features are present (see `whiten_in`); both slices hold `whole` bytes.
-        unsafe {
-            x86::xor_avx512(data.as_mut_ptr(), stream.as_ptr(), whole / 64)
-        };
-        for (d, k) in data[whole..].iter_mut().zip(&stream[whole..]) {
-            *d ^= k;
+            unreachable!("Vaes512 is only detected on x86_64")
         }
     }
 }
@@ -227,7 +244,7 @@ mod x86 {
     /// Multiply each 128-bit lane by alpha^16 (little-endian bit order of IEEE 1619).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    fn mul_alpha16(t: __m512i, poly: __m512i) -> __m512i {
+    pub(super) fn mul_alpha16(t: __m512i, poly: __m512i) -> __m512i {
         // The top two bytes of each lane, moved to its bottom.
         let carry = _mm512_bsrli_epi128::<14>(t);
         // carry * (x^7 + x^2 + x + 1), carry-less; selector 0x00 takes the low qwords.
@@ -275,17 +292,17 @@ mod x86 {
     /// Multiply each 128-bit lane by alpha^8: as [`mul_alpha16`], one byte at a time.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    fn mul_alpha8(t: __m512i, poly: __m512i) -> __m512i {
+    pub(super) fn mul_alpha8(t: __m512i, poly: __m512i) -> __m512i {
         let carry = _mm512_bsrli_epi128::<15>(t);
         let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
         _mm512_xor_si512(_mm512_bslli_epi128::<1>(t), fold)
     }
 
     /// Multiply each 128-bit lane by alpha^32: as [`mul_alpha16`], four bytes at a time (a
-    /// 32-bit by 8-bit product has 39 bits and lands below the shifted lane's 32 zero bits).
+    /// 32-bit by 8-bit product has 39 bits, far below 128: no second reduction).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    fn mul_alpha32(t: __m512i, poly: __m512i) -> __m512i {
+    pub(super) fn mul_alpha32(t: __m512i, poly: __m512i) -> __m512i {
         let carry = _mm512_bsrli_epi128::<12>(t);
         let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
         _mm512_xor_si512(_mm512_bslli_epi128::<4>(t), fold)
@@ -444,6 +461,50 @@ mod tests {
                 assert_eq!(out2, out);
                 xor_bytes(Some(x), out2.as_flattened_mut(), tweaks.as_flattened());
                 assert_eq!(out2, src);
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn lane_multipliers_match_repeated_times_x() {
+        use core::arch::x86_64::*;
+        let Some(_) = Avx512::detect() else {
+            eprintln!("no AVX-512 on this CPU: nothing to test");
+            return;
+        };
+        // Values whose top 8, 16 or 32 bits are set exercise every fold.
+        let values = [
+            1u128,
+            u128::MAX,
+            1 << 127,
+            0xff << 120,
+            0xffff << 112,
+            0xffff_ffff << 96,
+            0x8000_0001 << 96,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ];
+        type Mul = unsafe fn(__m512i, __m512i) -> __m512i;
+        let muls: [(u32, Mul); 3] = [(8, x86::mul_alpha8), (16, x86::mul_alpha16), (32, x86::mul_alpha32)];
+        for chunk in values.chunks(4) {
+            let lanes: [u128; 4] = chunk.try_into().unwrap();
+            for (power, mul) in muls {
+                let mut bytes = [0u8; 64];
+                for (k, v) in lanes.iter().enumerate() {
+                    bytes[16 * k..16 * k + 16].copy_from_slice(&v.to_le_bytes());
+                }
+                let mut out = [0u8; 64];
+                // SAFETY: `detect` found AVX-512F/BW and VPCLMULQDQ, the multipliers' features;
+                // 64-byte unaligned load and store on 64-byte arrays.
+                unsafe {
+                    let r = mul(_mm512_loadu_si512(bytes.as_ptr().cast()), _mm512_set1_epi64(0x87));
+                    _mm512_storeu_si512(out.as_mut_ptr().cast(), r);
+                }
+                for (k, v) in lanes.iter().enumerate() {
+                    let want = (0..power).fold(*v, |t, _| times_x(t));
+                    let got = u128::from_le_bytes(out[16 * k..16 * k + 16].try_into().unwrap());
+                    assert_eq!(got, want, "{v:#x} * alpha^{power}");
+                }
             }
         }
     }

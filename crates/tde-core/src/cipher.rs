@@ -30,7 +30,7 @@
 //! 16 bytes, so ciphertext stealing is never needed (and not implemented).
 //!
 //! On a CPU with AVX-512 and VAES a page is done in one pass
-//! (`Avx512::xts_fused`): 32 blocks at a time, tweaks in registers, the AES
+//! (`Vaes512::xts_fused`): 32 blocks at a time, tweaks in registers, the AES
 //! rounds run on the `aes` crate's own key schedule with the tweak XORs folded
 //! into the first and last round keys. Elsewhere (and for buffers that are not a
 //! multiple of 32 blocks) all tweaks of a page are computed first, the page is
@@ -61,7 +61,7 @@ use aes::cipher::{
 use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc};
 use zeroize::Zeroizing;
 
-use crate::avx512::{self, Avx512, PageBlocks, FUSED_BLOCKS, PAGE_BLOCKS, STEP_BLOCKS};
+use crate::avx512::{self, Avx512, PageBlocks, Vaes512, FUSED_BLOCKS, PAGE_BLOCKS, STEP_BLOCKS};
 use crate::error::{Result, TdeError};
 
 /// Size of a PostgreSQL page (`BLCKSZ`).
@@ -249,19 +249,19 @@ pub struct PageCipher {
 }
 
 /// How XTS runs: portably, or with AVX-512 in two passes around the `aes` crate's
-/// `encrypt_blocks`, or (`fuse`) in one pass that runs the AES rounds itself on the crate's key
-/// schedule. CTR and CBC use only `simd`.
+/// `encrypt_blocks`, or (`fused`, which needs VAES too) in one pass that runs the AES rounds
+/// itself on the crate's key schedule.
 #[derive(Clone, Copy)]
 struct Passes {
     simd: Option<Avx512>,
-    fuse: bool,
+    fused: Option<Vaes512>,
 }
 
 impl Passes {
     /// The fastest this CPU has.
     fn detected() -> Passes {
         let simd = Avx512::detected();
-        Passes { simd, fuse: simd.is_some() }
+        Passes { simd, fused: simd.and_then(Avx512::vaes) }
     }
 }
 
@@ -322,11 +322,10 @@ impl Engine {
     }
 }
 
-/// The AES key schedules that [`Avx512::xts_fused`] runs on, when this CPU has the passes and
-/// the `aes` crate chose AES-NI for `aes` (it always does on a CPU with VAES).
-fn fused<C: RoundKeys>(aes: &C, passes: Passes) -> Option<(Avx512, FusedKeys<'_>)> {
-    let x = passes.simd.filter(|_| passes.fuse)?;
-    Some((x, aes.round_keys()?))
+/// The AES key schedules that [`Vaes512::xts_fused`] runs on, when this CPU has VAES and the
+/// `aes` crate runs `aes` on AES-NI (otherwise XTS takes the two-pass path).
+fn fused<C: RoundKeys>(aes: &C, passes: Passes) -> Option<(Vaes512, FusedKeys<'_>)> {
+    Some((passes.fused?, aes.round_keys()?))
 }
 
 /// The encryption and decryption key schedules of one AES key, as the AES instructions use them.
@@ -346,9 +345,9 @@ macro_rules! impl_round_keys {
     ($($aes:ty),*) => {$(
         impl RoundKeys for $aes {
             fn round_keys(&self) -> Option<FusedKeys<'_>> {
-                #[cfg(target_arch = "x86_64")]
+                #[cfg(all(target_arch = "x86_64", not(aes_backend = "soft")))]
                 return self.x86_round_keys().map(|(encrypt, decrypt)| FusedKeys { encrypt, decrypt });
-                #[cfg(not(target_arch = "x86_64"))]
+                #[cfg(not(all(target_arch = "x86_64", not(aes_backend = "soft"))))]
                 return None;
             }
         }
@@ -485,7 +484,7 @@ fn xts_crypt<D, T>(
     dst: &mut [[u8; AES_BLOCK_SIZE]],
     dir: Direction,
     simd: Option<Avx512>,
-    fused: Option<(Avx512, FusedKeys<'_>)>,
+    fused: Option<(Vaes512, FusedKeys<'_>)>,
 ) where
     D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
     T: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>,
@@ -896,12 +895,15 @@ mod tests {
     /// The XTS pass variants this CPU can run: always the portable one, and with AVX-512 the
     /// two-pass and the fused one.
     fn whitenings() -> Vec<(&'static str, Passes)> {
-        let mut v = vec![("portable", Passes { simd: None, fuse: false })];
+        let mut v = vec![("portable", Passes { simd: None, fused: None })];
         if let Some(x) = Avx512::detect() {
-            v.push(("avx512 two passes", Passes { simd: Some(x), fuse: false }));
-            v.push(("avx512 fused", Passes { simd: Some(x), fuse: true }));
+            v.push(("avx512 two passes", Passes { simd: Some(x), fused: None }));
+            match x.vaes() {
+                Some(y) => v.push(("avx512 one pass", Passes { simd: Some(x), fused: Some(y) })),
+                None => eprintln!("this CPU has no VAES: the one-pass XTS is not tested"),
+            }
         } else {
-            eprintln!("this CPU has no AVX-512F/BW + VPCLMULQDQ + VAES: only the portable XTS passes are tested");
+            eprintln!("this CPU has no AVX-512F/BW + VPCLMULQDQ: only the portable XTS passes are tested");
         }
         v
     }
@@ -930,11 +932,11 @@ mod tests {
 
     #[test]
     fn xts_whitening_variants_agree_on_edge_tweaks() {
-        // Sequence numbers at the edges of their range, through both variants. (The tweak key
-        // encrypts them first; the wide code's reduction edges are tested in `avx512`.)
-        let key = random_bytes(32);
+        // Sequence numbers at the edges of their range, through every variant and both key
+        // sizes. (The tweak key encrypts them first; the wide code's reduction edges are
+        // tested in `avx512`: `lane_multipliers_match_repeated_times_x`.)
         let seqs = [0u128, 1, u128::MAX, 1 << 127, 0xffff << 112, 0x8000 << 112, 0x7fff << 112];
-        for seq in seqs {
+        for (seq, key) in seqs.into_iter().flat_map(|q| [(q, random_bytes(32)), (q, random_bytes(64))]) {
             let pt = random_bytes(PAGE_SIZE);
             let mut out = Vec::new();
             for (name, whitening) in whitenings() {
