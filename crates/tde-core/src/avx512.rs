@@ -72,6 +72,22 @@ pub(crate) fn xor_bytes(simd: Option<Avx512>, data: &mut [u8], stream: &[u8]) {
     }
 }
 
+/// Pointers to the input and output blocks of a pass: `src`, or `dst` itself when `src` is
+/// `None` (in place).
+///
+/// # Panics
+/// If `src` and `dst` differ in length.
+fn in_out(src: Option<&[[u8; 16]]>, dst: &mut [[u8; 16]]) -> (*const [u8; 16], *mut [u8; 16]) {
+    let dst_ptr = dst.as_mut_ptr();
+    match src {
+        Some(s) => {
+            assert_eq!(s.len(), dst.len(), "input and output lengths differ");
+            (s.as_ptr(), dst_ptr)
+        }
+        None => (dst_ptr.cast_const(), dst_ptr),
+    }
+}
+
 /// Proof that this CPU has AVX-512F, AVX-512BW and VPCLMULQDQ. Only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512(());
@@ -124,14 +140,7 @@ impl Avx512 {
         assert_eq!(dst.len() % STEP_BLOCKS, 0, "XTS whitening works on multiples of 16 blocks");
         assert_eq!(tweaks.len(), dst.len());
         let n = dst.len();
-        let dst_ptr = dst.as_mut_ptr();
-        let src_ptr = match src {
-            Some(s) => {
-                assert_eq!(s.len(), n);
-                s.as_ptr()
-            }
-            None => dst_ptr.cast_const(),
-        };
+        let (src_ptr, dst_ptr) = in_out(src, dst);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `self` exists only if `detect` found the features `whiten_in_avx512` is compiled
         // for. `src_ptr` (a slice distinct from `dst`, or `dst` itself), `dst` and `tweaks` are each
@@ -193,14 +202,7 @@ impl Vaes512 {
     ) {
         let n = dst.len();
         assert_eq!(n % FUSED_BLOCKS, 0, "fused XTS works on multiples of {FUSED_BLOCKS} blocks");
-        let dst_ptr = dst.as_mut_ptr();
-        let src_ptr = match src {
-            Some(s) => {
-                assert_eq!(s.len(), n);
-                s.as_ptr()
-            }
-            None => dst_ptr.cast_const(),
-        };
+        let (src_ptr, dst_ptr) = in_out(src, dst);
         #[cfg(target_arch = "x86_64")]
         {
             macro_rules! run {
@@ -241,16 +243,27 @@ mod x86 {
 
     use super::STEP_BLOCKS;
 
-    /// Multiply each 128-bit lane by alpha^16 (little-endian bit order of IEEE 1619).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    pub(super) fn mul_alpha16(t: __m512i, poly: __m512i) -> __m512i {
-        // The top two bytes of each lane, moved to its bottom.
-        let carry = _mm512_bsrli_epi128::<14>(t);
-        // carry * (x^7 + x^2 + x + 1), carry-less; selector 0x00 takes the low qwords.
-        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
-        _mm512_xor_si512(_mm512_bslli_epi128::<2>(t), fold)
+    /// `fn $name(t, poly)`: multiply each 128-bit lane of `t` by alpha^(8 * $bytes)
+    /// (little-endian bit order of IEEE 1619; `poly` holds 0x87 in every qword). The lane is
+    /// shifted up by `$bytes` bytes and the top `$bytes` bytes shifted out (moved to the
+    /// bottom by a shift of `16 - $bytes`) are folded back in times x^7 + x^2 + x + 1 with one
+    /// carry-less multiplication of the low qwords: at most a 32-bit by 8-bit product, 39
+    /// bits, far below 128, so no second reduction is needed.
+    macro_rules! mul_alpha_bytes {
+        ($name:ident, $bytes:literal, $rest:literal) => {
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+            pub(super) fn $name(t: __m512i, poly: __m512i) -> __m512i {
+                const { assert!($bytes + $rest == 16 && $bytes <= 4) };
+                let carry = _mm512_bsrli_epi128::<$rest>(t);
+                let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
+                _mm512_xor_si512(_mm512_bslli_epi128::<$bytes>(t), fold)
+            }
+        };
     }
+    mul_alpha_bytes!(mul_alpha8, 1, 15);
+    mul_alpha_bytes!(mul_alpha16, 2, 14);
+    mul_alpha_bytes!(mul_alpha32, 4, 12);
 
     /// # Safety
     /// The CPU has AVX-512F, AVX-512BW and VPCLMULQDQ; `src` (may equal `dst`), `dst` and
@@ -287,25 +300,6 @@ mod x86 {
                 *tl = mul_alpha16(*tl, poly);
             }
         }
-    }
-
-    /// Multiply each 128-bit lane by alpha^8: as [`mul_alpha16`], one byte at a time.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    pub(super) fn mul_alpha8(t: __m512i, poly: __m512i) -> __m512i {
-        let carry = _mm512_bsrli_epi128::<15>(t);
-        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
-        _mm512_xor_si512(_mm512_bslli_epi128::<1>(t), fold)
-    }
-
-    /// Multiply each 128-bit lane by alpha^32: as [`mul_alpha16`], four bytes at a time (a
-    /// 32-bit by 8-bit product has 39 bits, far below 128: no second reduction).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-    pub(super) fn mul_alpha32(t: __m512i, poly: __m512i) -> __m512i {
-        let carry = _mm512_bsrli_epi128::<12>(t);
-        let fold = _mm512_clmulepi64_epi128::<0x00>(carry, poly);
-        _mm512_xor_si512(_mm512_bslli_epi128::<4>(t), fold)
     }
 
     /// XTS in one pass: for each block, `AES(P ^ T) ^ T` with both XORs folded into AES's
