@@ -210,6 +210,18 @@ class Server:
             raise RuntimeError(f"psql failed in {db}: {r.stderr.strip()}\nSQL: {sql[:500]}")
         return r.stdout.strip()
 
+    def io_counters(self, db: str) -> dict[str, int]:
+        """Cumulative block counts: `db`'s blocks read from the OS and found in shared buffers
+        (pg_stat_database), and relation blocks written and extended by every process of the
+        server (pg_stat_io; during a pgbench run only that database is busy).  The differences
+        per transaction, in `runs.csv`, tell whether two databases do the same I/O."""
+        row = self.psql("SELECT blks_read, blks_hit, "
+                        "(SELECT sum(writes) FROM pg_stat_io WHERE object = 'relation'), "
+                        "(SELECT sum(extends) FROM pg_stat_io WHERE object = 'relation') "
+                        f"FROM pg_stat_database WHERE datname = '{db}'")
+        values = [int(v or 0) for v in row.split("|")]
+        return dict(zip(("blks_read", "blks_hit", "writes", "extends"), values))
+
     def timed(self, stmts: list[str], db: str, setup: str = "") -> tuple[list[float], str]:
         """Run `setup` untimed, then each statement with \\timing.  Returns ms per statement and
         "cpu_user_ms=U cpu_sys_ms=S wait_ms=W": the CPU time the backend used per statement (the
@@ -489,7 +501,15 @@ class PgbenchRead(Bench):
         self.srv.pgbench(db, clients + ["-S", "-T", "2"], timeout=600, profiled=False)
         self.srv.cold_buffers()
         args = clients + (["-S"] if self.select_only else []) + ["-T", str(self.duration)]
-        return parse_pgbench(self.srv.pgbench(db, args, timeout=self.duration + 600))
+        before = self.srv.io_counters(db)
+        tps, detail = parse_pgbench(self.srv.pgbench(db, args, timeout=self.duration + 600))
+        time.sleep(0.5)  # the pgbench backends report their statistics as they exit
+        after = self.srv.io_counters(db)
+        xacts = re.search(r"xacts=(\d+)", detail)
+        if xacts and int(xacts.group(1)) > 0:
+            n = int(xacts.group(1))
+            detail += " " + " ".join(f"{k}_per_xact={(after[k] - before[k]) / n:.3f}" for k in before)
+        return tps, detail
 
 
 def dso_share(report: str, dso: str) -> float:
