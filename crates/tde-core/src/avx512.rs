@@ -114,14 +114,13 @@ impl Avx512 {
         None
     }
 
-    /// Proof that this CPU also has VAES (512-bit AES instructions), for [`Vaes512::xts_fused`];
-    /// computed once per process.
+    /// Proof that this CPU also has VAES (512-bit AES instructions), for [`Vaes512::xts_fused`].
     pub(crate) fn vaes(self) -> Option<Vaes512> {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // std caches the CPUID/XGETBV result, as in `detect`.
         #[cfg(target_arch = "x86_64")]
-        let has = *DETECTED.get_or_init(|| std::is_x86_feature_detected!("vaes"));
+        let has = std::is_x86_feature_detected!("vaes");
         #[cfg(not(target_arch = "x86_64"))]
-        let has = *DETECTED.get_or_init(|| false);
+        let has = false;
         has.then_some(Vaes512(()))
     }
 

@@ -308,24 +308,13 @@ impl Engine {
             assert_eq!(s.len(), blocks.len() * AES_BLOCK_SIZE, "input and output lengths differ");
             s.as_chunks::<AES_BLOCK_SIZE>().0
         });
-        let simd = passes.simd;
         match self {
-            Engine::Xts128 { data, tweak: tk } => {
-                xts_crypt(data, tk, tweak, src, blocks, dir, simd, fused(data, passes))
-            }
-            Engine::Xts256 { data, tweak: tk } => {
-                xts_crypt(data, tk, tweak, src, blocks, dir, simd, fused(data, passes))
-            }
+            Engine::Xts128 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, passes),
+            Engine::Xts256 { data, tweak: tk } => xts_crypt(data, tk, tweak, src, blocks, dir, passes),
             Engine::Cbc128 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, copied_in(src, blocks), dir),
             Engine::Cbc256 { aes, base_iv } => cbc_crypt(aes, base_iv, tweak, copied_in(src, blocks), dir),
         }
     }
-}
-
-/// The AES key schedules that [`Vaes512::xts_fused`] runs on, when this CPU has VAES and the
-/// `aes` crate runs `aes` on AES-NI (otherwise XTS takes the two-pass path).
-fn fused<C: RoundKeys>(aes: &C, passes: Passes) -> Option<(Vaes512, FusedKeys<'_>)> {
-    Some((passes.fused?, aes.round_keys()?))
 }
 
 /// The encryption and decryption key schedules of one AES key, as the AES instructions use them.
@@ -448,6 +437,15 @@ fn mul_alpha8(t: u128) -> u128 {
     (t << 8) ^ h ^ (h << 1) ^ (h << 2) ^ (h << 7)
 }
 
+/// `out[j] = start * alpha^j`: the first tweaks, as the wide passes take them into registers.
+fn fill_tweaks(start: u128, out: &mut [[u8; AES_BLOCK_SIZE]]) {
+    let mut t = start;
+    for f in out {
+        *f = t.to_le_bytes();
+        t = mul_alpha(t);
+    }
+}
+
 /// First pass, portable: `dst[j] = src[j] ^ T_j`, `tweaks[j] = T_j` with `T_j = start * alpha^j`.
 /// Eight independent chains (`T_{j+8} = T_j * alpha^8`) keep the CPU's pipelines busy
 /// instead of one long serial dependency.
@@ -473,9 +471,9 @@ fn whiten_in_portable(
 }
 
 /// XTS over `dst` as one data unit with sequence number `seq`. `src` `None` means in place;
-/// otherwise `src` (same length) is the input and `dst` receives the output. With `fused`,
-/// buffers of a multiple of [`FUSED_BLOCKS`] blocks (pages) take the one-pass AVX-512 path.
-#[allow(clippy::too_many_arguments)]
+/// otherwise `src` (same length) is the input and `dst` receives the output. When this CPU has
+/// VAES and the `aes` crate holds `data_key`'s AES-NI key schedules, buffers of a multiple of
+/// [`FUSED_BLOCKS`] blocks (pages) take the one-pass path; others the two passes.
 fn xts_crypt<D, T>(
     data_key: &D,
     tweak_key: &T,
@@ -483,29 +481,26 @@ fn xts_crypt<D, T>(
     src: Option<&[[u8; AES_BLOCK_SIZE]]>,
     dst: &mut [[u8; AES_BLOCK_SIZE]],
     dir: Direction,
-    simd: Option<Avx512>,
-    fused: Option<(Vaes512, FusedKeys<'_>)>,
+    passes: Passes,
 ) where
-    D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16>,
+    D: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16> + RoundKeys,
     T: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>,
 {
     if dst.is_empty() {
         return;
     }
+    let fused = passes.fused.filter(|_| dst.len().is_multiple_of(FUSED_BLOCKS)).zip(data_key.round_keys());
     let mut t0 = Block::from(seq.to_le_bytes());
     tweak_key.encrypt_block(&mut t0);
     let mut next = u128::from_le_bytes(t0.into());
 
-    if let Some((x, keys)) = fused.filter(|_| dst.len().is_multiple_of(FUSED_BLOCKS)) {
-        let mut first = [[0; AES_BLOCK_SIZE]; 8];
-        for f in &mut first {
-            *f = next.to_le_bytes();
-            next = mul_alpha(next);
-        }
+    if let Some((x, keys)) = fused {
         let round_keys = match dir {
             Direction::Encrypt => keys.encrypt,
             Direction::Decrypt => keys.decrypt,
         };
+        let mut first = [[0; AES_BLOCK_SIZE]; 8];
+        fill_tweaks(next, &mut first);
         x.xts_fused(round_keys, dir == Direction::Decrypt, src, dst, &first);
         return;
     }
@@ -521,7 +516,7 @@ fn xts_crypt<D, T>(
                 chunk,
                 tweaks,
                 dir,
-                simd,
+                passes.simd,
             );
         }
     });
@@ -552,11 +547,7 @@ where
     match simd {
         Some(x) if n.is_multiple_of(STEP_BLOCKS) => {
             let mut first = [[0; AES_BLOCK_SIZE]; STEP_BLOCKS];
-            let mut t = next;
-            for f in &mut first {
-                *f = t.to_le_bytes();
-                t = mul_alpha(t);
-            }
+            fill_tweaks(next, &mut first);
             x.whiten_in(input, chunk, tweaks, &first);
         }
         _ => whiten_in_portable(input, chunk, tweaks, next),
