@@ -1,30 +1,49 @@
 # shellcheck shell=bash
 # Shared settings for the pg_tde build and test scripts.  Source it; do not run it.
+#
+#   PG_TDE_PG_MAJOR=17|18   the PostgreSQL major to build and use (default 18)
+#   PG_TDE_PG_SOURCE=FILE   a postgresql-X.Y.tar.{bz2,gz} to build instead of
+#                           Debian's newest postgresql-<major> source package
+#   PG_TDE_CACHE=DIR        where builds are cached (default /var/cache/pg_tde-build)
 
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO_ROOT
 
-# The pinned PostgreSQL: Debian trixie's postgresql-17 source package.
-PG_VERSION=17.11
-PG_DEB_VERSION=17.11-0+deb13u1
-PG_TARBALL=postgresql-17_${PG_VERSION}.orig.tar.bz2
-PG_TARBALL_SHA256=dd27f2b3c59e73ed14aa3324901242bf69a032a6347805f274e6260322d42979
+SUPPORTED_PG_MAJORS=(18 17)
+PG_MAJOR=${PG_TDE_PG_MAJOR:-18}
+case " ${SUPPORTED_PG_MAJORS[*]} " in
+    *" $PG_MAJOR "*) ;;
+    *) echo "PG_TDE_PG_MAJOR=$PG_MAJOR: pg_tde supports PostgreSQL ${SUPPORTED_PG_MAJORS[*]}" >&2; exit 2 ;;
+esac
+export PG_TDE_PG_MAJOR=$PG_MAJOR
+PATCH_DIR=$REPO_ROOT/patches/postgresql/$PG_MAJOR
 PGRX_VERSION=$(sed -n 's/^pgrx = { *version *= *"=\([0-9.]*\)".*/\1/p; s/^pgrx = "=\([0-9.]*\)"/\1/p' "$REPO_ROOT/pg_tde/Cargo.toml" | head -n1)
 
-# Everything built outside the repository lives here, keyed so that a change
-# of version or patch series builds afresh and nothing else does.
+# Everything built outside the repository lives here.  A build is keyed by
+# major, minor and the hash of the patch series: pg-<version>-<hash>/.  The
+# link pg<major>-<hash> names the build setup.sh made for this series, so that
+# the other scripts find it without asking apt again.
 PG_TDE_CACHE=${PG_TDE_CACHE:-/var/cache/pg_tde-build}
-PATCH_HASH=$(cat "$REPO_ROOT"/patches/postgresql/17/*.patch | sha256sum | cut -c1-12)
-PG_PREFIX=$PG_TDE_CACHE/pg-$PG_VERSION-$PATCH_HASH
-PG_CONFIG=$PG_PREFIX/bin/pg_config
-export PG_PREFIX PG_CONFIG PG_TDE_CACHE
+PATCH_HASH=$(cat "$PATCH_DIR"/*.patch | sha256sum | cut -c1-12)
+PG_BUILD_LINK=$PG_TDE_CACHE/pg$PG_MAJOR-$PATCH_HASH
+export PG_TDE_CACHE PG_MAJOR
 
-# pgrx state and one cargo target directory per PostgreSQL build (pgrx does not
-# notice header changes on its own).
-export PGRX_HOME=${PGRX_HOME:-$PG_TDE_CACHE/pgrx-home}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PG_TDE_CACHE/target-$PATCH_HASH}
+# use_pg_build: point PG_PREFIX, PG_CONFIG, PGRX_HOME and CARGO_TARGET_DIR at
+# the build setup.sh made (one pgrx home and cargo target directory per build:
+# pgrx does not notice header changes on its own).  Returns 1 if there is none.
+use_pg_build() {
+    [ -x "$PG_BUILD_LINK/bin/pg_config" ] || return 1
+    PG_PREFIX=$(readlink -f "$PG_BUILD_LINK")
+    PG_CONFIG=$PG_PREFIX/bin/pg_config
+    local build
+    build=$(basename "$PG_PREFIX")
+    PGRX_HOME=${PG_TDE_PGRX_HOME:-$PG_TDE_CACHE/pgrx-home-$build}
+    CARGO_TARGET_DIR=${PG_TDE_CARGO_TARGET_DIR:-$PG_TDE_CACHE/target-$build}
+    export PG_PREFIX PG_CONFIG PGRX_HOME CARGO_TARGET_DIR
+}
+use_pg_build || true
 
 # The unprivileged OS user that runs clusters (initdb/postgres refuse root).
 PG_TDE_OS_USER=${PG_TDE_OS_USER:-postgres}

@@ -1,6 +1,7 @@
 //! Declarations of PostgreSQL functions that pgrx's bindings do not include
-//! (`storage/md.h`, `commands/sequence.h`).  Signatures copied from the
-//! PostgreSQL 17 headers; keep them in sync when the pinned version changes.
+//! (`storage/md.h`, `commands/sequence.h`, and for 18 what the AIO read path
+//! needs).  Signatures copied from the PostgreSQL 17 and 18 headers; keep
+//! them in sync when a supported major changes.
 #![allow(non_snake_case)]
 
 use std::ffi::{c_int, c_void};
@@ -51,6 +52,58 @@ unsafe extern "C-unwind" {
     pub fn mdimmedsync(reln: SMgrRelation, forknum: ForkNumber::Type);
     pub fn mdregistersync(reln: SMgrRelation, forknum: ForkNumber::Type);
 
+    #[cfg(feature = "pg18")]
+    pub fn mdmaxcombine(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber) -> u32;
+    #[cfg(feature = "pg18")]
+    pub fn mdstartreadv(
+        ioh: *mut pgrx::pg_sys::PgAioHandle,
+        reln: SMgrRelation,
+        forknum: ForkNumber::Type,
+        blocknum: BlockNumber,
+        buffers: *mut *mut c_void,
+        nblocks: BlockNumber,
+    );
+    #[cfg(feature = "pg18")]
+    pub fn mdfd(reln: SMgrRelation, forknum: ForkNumber::Type, blocknum: BlockNumber, off: *mut u32) -> c_int;
+
     /// Rewrites a sequence into a new relfilenumber, keeping its state.
     pub fn SequenceChangePersistence(relid: Oid, newrelpersistence: std::ffi::c_char);
+}
+
+/// `storage/aio.h` (PostgreSQL 18), which pgrx's bindings do not include.
+#[cfg(feature = "pg18")]
+pub mod aio {
+    use std::ffi::{c_int, c_uint};
+
+    use pgrx::pg_sys::{PgAioHandle, PgAioResult, PgAioTargetData};
+
+    /// `PgAioHandleCallbackID` of the slot the core patch adds for an extension
+    /// (after INVALID, MD_READV, SHARED_BUFFER_READV, LOCAL_BUFFER_READV).
+    pub const PGAIO_HCB_EXTENSION: c_uint = 4;
+    /// `PgAioResultStatus::PGAIO_RS_ERROR`.
+    pub const PGAIO_RS_ERROR: u32 = 4;
+
+    pub type Complete = unsafe extern "C-unwind" fn(*mut PgAioHandle, PgAioResult, u8) -> PgAioResult;
+    pub type Report = unsafe extern "C-unwind" fn(PgAioResult, *const PgAioTargetData, c_int);
+
+    /// `struct PgAioHandleCallbacks`.
+    #[repr(C)]
+    pub struct PgAioHandleCallbacks {
+        pub stage: Option<unsafe extern "C-unwind" fn(*mut PgAioHandle, u8)>,
+        pub complete_shared: Option<Complete>,
+        pub complete_local: Option<Complete>,
+        pub report: Option<Report>,
+    }
+
+    #[allow(improper_ctypes)]
+    unsafe extern "C-unwind" {
+        pub static io_max_concurrency: c_int;
+        pub fn pgaio_io_get_id(ioh: *mut PgAioHandle) -> c_int;
+        pub fn pgaio_io_register_callbacks(ioh: *mut PgAioHandle, cb_id: c_uint, cb_data: u8);
+        pub fn pgaio_io_get_target_data(ioh: *mut PgAioHandle) -> *mut PgAioTargetData;
+        /// From the core patch.
+        pub fn pgaio_register_extension_callbacks(cb: *const PgAioHandleCallbacks);
+        /// `storage/aio_internal.h`: the iovecs of a defined IO, and how many.
+        pub fn pgaio_io_get_iovec_length(ioh: *mut PgAioHandle, iov: *mut *mut libc::iovec) -> c_int;
+    }
 }

@@ -272,13 +272,41 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
 // ---------------------------------------------------------------------------
 // Relation keys
 
+/// The key of one relation file: its expanded page cipher, and the key itself
+/// for the asynchronous reads of PostgreSQL 18, whose completion may run in
+/// another process and rebuilds the cipher there (see `aio_read`).
+pub struct FileKey {
+    cipher: PageCipher,
+    #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
+    key: RelKey,
+}
+
+impl FileKey {
+    fn new(key: RelKey) -> FileKey {
+        FileKey { cipher: PageCipher::new(&key), key }
+    }
+
+    /// The internal key (never logged, never returned by SQL).
+    #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
+    pub fn key(&self) -> &RelKey {
+        &self.key
+    }
+}
+
+impl std::ops::Deref for FileKey {
+    type Target = PageCipher;
+    fn deref(&self) -> &PageCipher {
+        &self.cipher
+    }
+}
+
 #[derive(Default)]
 struct LocalKeys {
     generation: u64,
     /// `None` caches "this file is not encrypted".
-    files: HashMap<FileId, Option<Arc<PageCipher>>>,
+    files: HashMap<FileId, Option<Arc<FileKey>>>,
     /// Keys of this backend's temporary relations.
-    temp: HashMap<FileId, Arc<PageCipher>>,
+    temp: HashMap<FileId, Arc<FileKey>>,
 }
 
 thread_local! {
@@ -327,7 +355,7 @@ fn find_entry(id: FileId) -> Result<Option<(KeyMapHeader, KeyMapEntry)>> {
 /// The page cipher of a relation file, or `None` if it is not encrypted.
 /// This is on the page read/write path: it touches no catalog and, once a
 /// file's key is cached, no file and no lock.
-pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<PageCipher>>> {
+pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<FileKey>>> {
     LOCAL.with(|cell| {
         let mut local = cell.borrow_mut();
         if temp {
@@ -346,7 +374,7 @@ pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<PageCipher>>> {
             Some((header, entry)) => {
                 let pk = principal_key(&header.principal)?;
                 let relkey = entry.open(id.db, &pk)?;
-                Some(Arc::new(PageCipher::new(&relkey)))
+                Some(Arc::new(FileKey::new(relkey)))
             }
         };
         local.files.insert(id, cipher.clone());
@@ -368,7 +396,7 @@ pub fn file_has_key(id: FileId, temp: bool) -> Result<bool> {
 pub fn create_file_key(id: FileId, temp: bool) -> Result<()> {
     let relkey = RelKey::generate(crate::gucs::cipher())?;
     if temp {
-        let cipher = Arc::new(PageCipher::new(&relkey));
+        let cipher = Arc::new(FileKey::new(relkey));
         LOCAL.with(|cell| cell.borrow_mut().temp.insert(id, cipher));
         return Ok(());
     }
@@ -404,7 +432,7 @@ fn store_file_key(id: FileId, header: &KeyMapHeader, relkey: &RelKey) -> Result<
         bump_generation();
         Ok::<(), TdeError>(())
     })?;
-    let cipher = Arc::new(PageCipher::new(relkey));
+    let cipher = Arc::new(FileKey::new(relkey.clone()));
     LOCAL.with(|cell| {
         let mut local = cell.borrow_mut();
         local.generation = KEY_GENERATION.get().load(Ordering::Acquire);

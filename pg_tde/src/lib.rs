@@ -1,4 +1,4 @@
-//! pg_tde: transparent data encryption for PostgreSQL 17.
+//! pg_tde: transparent data encryption for PostgreSQL 17 and 18.
 //!
 //! This crate is the thin PostgreSQL shell over `tde_core`, which holds the
 //! cryptography, the key-file formats and the key providers.  Each module here
@@ -9,6 +9,8 @@
 //! - [`keys`]: the key hierarchy as PostgreSQL sees it (principal-key cache in
 //!   shared memory, per-relation key lookup and creation);
 //! - [`smgr`]: the encrypting storage manager installed through the core patch;
+//! - `aio_read` (18 only): decryption of asynchronous reads in an AIO
+//!   completion callback;
 //! - [`am`]: the `tde_heap` table access method;
 //! - [`hooks`]: object-access, utility and relation-file hooks that decide
 //!   which new relation files are encrypted;
@@ -20,6 +22,8 @@
 
 use pgrx::prelude::*;
 
+#[cfg(feature = "pg18")]
+mod aio_read;
 mod am;
 mod api;
 mod errors;
@@ -55,6 +59,8 @@ pub extern "C-unwind" fn _PG_init() {
     keys::init_shmem();
     am::init();
     smgr::init();
+    #[cfg(feature = "pg18")]
+    aio_read::init();
     rmgr::init();
     hooks::init();
     wal::init();

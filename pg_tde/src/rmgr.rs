@@ -57,7 +57,7 @@ fn insert(info: u8, parts: &[&[u8]]) {
     unsafe {
         pg_sys::XLogBeginInsert();
         for p in parts {
-            pg_sys::XLogRegisterData(p.as_ptr() as *mut c_char, p.len() as u32);
+            pg_sys::XLogRegisterData(p.as_ptr() as _, p.len() as u32);
         }
         let lsn = pg_sys::XLogInsert(RM_TDE_ID, info);
         pg_sys::XLogFlush(lsn);

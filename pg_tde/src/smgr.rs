@@ -2,6 +2,11 @@
 //! disk and decrypted on their way back, installed through the core patch's
 //! `smgr_register_extension()`.
 //!
+//! Synchronous reads (`smgr_readv`: PostgreSQL 17's buffer manager, and
+//! `RelationCopyStorage` in every major) decrypt here; PostgreSQL 18's
+//! asynchronous reads (`smgr_startreadv`) decrypt in an AIO completion
+//! callback, see [`crate::aio_read`].  Writes are synchronous in both.
+//!
 //! Shared buffers hold plaintext, so checksums are computed on plaintext.  A
 //! file is encrypted when its key map has an entry for it (see [`keys`]);
 //! every other file goes to md.c untouched.  Pages that md.c zero-extends stay
@@ -17,11 +22,11 @@ use std::ffi::c_void;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use tde_core::cipher::{is_all_zero, PageCipher, PAGE_SIZE};
+use tde_core::cipher::{is_all_zero, PAGE_SIZE};
 
 use crate::errors;
 use crate::ffi;
-use crate::keys::{self, FileId};
+use crate::keys::{self, FileId, FileKey};
 
 /// Install the storage manager.  Must run in `_PG_init` during
 /// shared_preload_libraries processing.
@@ -37,13 +42,19 @@ pub fn init() {
         smgr_extend: Some(tde_extend),
         smgr_zeroextend: Some(ffi::mdzeroextend),
         smgr_prefetch: Some(ffi::mdprefetch),
+        #[cfg(feature = "pg18")]
+        smgr_maxcombine: Some(ffi::mdmaxcombine),
         smgr_readv: Some(tde_readv),
+        #[cfg(feature = "pg18")]
+        smgr_startreadv: Some(crate::aio_read::tde_startreadv),
         smgr_writev: Some(tde_writev),
         smgr_writeback: Some(ffi::mdwriteback),
         smgr_nblocks: Some(ffi::mdnblocks),
         smgr_truncate: Some(ffi::mdtruncate),
         smgr_immedsync: Some(ffi::mdimmedsync),
         smgr_registersync: Some(ffi::mdregistersync),
+        #[cfg(feature = "pg18")]
+        smgr_fd: Some(ffi::mdfd),
     };
     // SAFETY: smgr_register_extension copies the struct; we are in _PG_init
     // during shared_preload_libraries, as it requires.
@@ -51,7 +62,7 @@ pub fn init() {
 }
 
 /// Fork number used in the tweak.
-fn tweak_fork(fork: pg_sys::ForkNumber::Type) -> u32 {
+pub(crate) fn tweak_fork(fork: pg_sys::ForkNumber::Type) -> u32 {
     if fork == pg_sys::ForkNumber::INIT_FORKNUM {
         pg_sys::ForkNumber::MAIN_FORKNUM as u32
     } else {
@@ -59,7 +70,7 @@ fn tweak_fork(fork: pg_sys::ForkNumber::Type) -> u32 {
     }
 }
 
-fn is_temp(rl: &pg_sys::RelFileLocatorBackend) -> bool {
+pub(crate) fn is_temp(rl: &pg_sys::RelFileLocatorBackend) -> bool {
     rl.backend != pg_sys::INVALID_PROC_NUMBER
 }
 
@@ -67,7 +78,7 @@ fn is_temp(rl: &pg_sys::RelFileLocatorBackend) -> bool {
 ///
 /// # Safety
 /// `reln` must be a valid SMgrRelation.
-unsafe fn cipher_of(reln: pg_sys::SMgrRelation) -> Option<std::sync::Arc<PageCipher>> {
+pub(crate) unsafe fn cipher_of(reln: pg_sys::SMgrRelation) -> Option<std::sync::Arc<FileKey>> {
     // SAFETY: per the contract reln is valid.
     let rl = unsafe { (*reln).smgr_rlocator };
     match keys::file_cipher(FileId::from(rl.locator), is_temp(&rl)) {

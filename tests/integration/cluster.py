@@ -8,6 +8,7 @@ scripts/common.sh sets up: PG_PREFIX (the patched PostgreSQL) and PG_TDE_OS_USER
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -25,6 +26,17 @@ from run_as import as_user, chown  # noqa: E402
 PG_PREFIX = Path(os.environ.get("PG_PREFIX", ""))
 BIN = PG_PREFIX / "bin"
 ROOT = Path(os.environ.get("PG_TDE_TEST_ROOT", "/var/tmp/pg_tde-tests"))
+# The configuration scripts/test.sh runs the whole suite under: io_method
+# (PostgreSQL 18 and later; unset means the server's default) and whether
+# initdb turns data checksums on (tests that need one or the other say so).
+IO_METHOD = os.environ.get("PG_TDE_TEST_IO_METHOD", "")
+CHECKSUMS_DEFAULT = os.environ.get("PG_TDE_TEST_CHECKSUMS", "on") != "off"
+
+
+@functools.lru_cache(maxsize=None)
+def pg_major() -> int:
+    out = subprocess.run([str(BIN / "pg_config"), "--version"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[1].split(".")[0])
 
 _next_port = 55400 + (os.getpid() % 200) * 10
 
@@ -64,15 +76,20 @@ class Cluster:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def initdb(self, extra_conf: str = "", checksums: bool = True) -> "Cluster":
+    def initdb(self, extra_conf: str = "", checksums: bool | None = None, io_method: str | None = None) -> "Cluster":
+        """Create the cluster.  `checksums` and `io_method` default to the suite's
+        configuration (PG_TDE_TEST_CHECKSUMS, PG_TDE_TEST_IO_METHOD)."""
+        if checksums is None:
+            checksums = CHECKSUMS_DEFAULT
+        io_method = IO_METHOD if io_method is None else io_method
         args = [str(BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]
-        if checksums:
-            args.append("-k")
-        subprocess.run(as_user(args), check=True, stdout=subprocess.DEVNULL)
+        # 18's initdb turns checksums on unless told otherwise; 17's only with -k.
+        args.append("--data-checksums" if checksums else ("--no-data-checksums" if pg_major() >= 18 else ""))
+        subprocess.run(as_user([a for a in args if a]), check=True, stdout=subprocess.DEVNULL)
         self.configure(
             "shared_preload_libraries = 'pg_tde'\n"
             "wal_level = replica\nmax_wal_senders = 5\nhot_standby = on\n"
-            "fsync = on\n" + extra_conf
+            "fsync = on\n" + (f"io_method = {io_method}\n" if io_method else "") + extra_conf
         )
         return self
 

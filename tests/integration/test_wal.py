@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BIN, Cluster, as_user, chown, setup_encryption
+from cluster import BIN, Cluster, as_user, chown, pg_major, setup_encryption
 from test_replication import make_standby, wait_for_replay
 
 WAL_PAGE = 8192
 SEG_SIZE = 16 * 1024 * 1024
-XLOG_PAGE_MAGIC = 0xD116  # PostgreSQL 17
+# access/xlog_internal.h: the WAL page magic of each supported major.
+XLOG_PAGE_MAGIC = {17: 0xD116, 18: 0xD118}[pg_major()]
 XLP_LONG_HEADER = 0x0002
 XLP_TDE_ENCRYPTED = 0x0100
 KEY_RECORD = 256

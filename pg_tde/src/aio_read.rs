@@ -1,0 +1,341 @@
+//! Asynchronous reads of encrypted pages (PostgreSQL 18 and later).
+//!
+//! PostgreSQL 18's buffer manager reads through `smgr_startreadv`, and the read
+//! completes in AIO completion callbacks: md.c's turns bytes into blocks, then
+//! the buffer manager's verifies each page (header, checksum).  The completion
+//! runs in a critical section, in the issuing backend, in another backend that
+//! waits for the IO, or in an I/O worker (`io_method=worker`, the default).  So
+//! pg_tde decrypts in a callback of its own, registered through the core
+//! patch's `PGAIO_HCB_EXTENSION` slot so that it runs between the two.
+//!
+//! Everything that can fail happens when the read is started, in the issuing
+//! backend with normal error handling: the file's key is looked up (loading it
+//! if needed) and copied into a slot of the IO handle.  The completion only
+//! rebuilds the page cipher from that slot on its stack (key expansion: no
+//! allocation, no lock, no file, no provider), decrypts each block that was
+//! read with its own block number, and wipes the slot.
+//!
+//! - Shared-buffer reads: the slot is in shared memory ([`IoKeySlots`]), one per
+//!   AIO handle, because the completion may run in another process.  Decrypted
+//!   in `complete_shared`, before the buffer manager's `complete_shared`.
+//! - Temporary relations (local buffers): the key stays in the backend's own
+//!   memory, as all temporary keys do, and the pages are decrypted in
+//!   `complete_local`, which PostgreSQL runs in the issuing backend only, before
+//!   the local buffer manager's own `complete_local`.
+//!
+//! A read that completes with no key in its slot (which would be a bug) reports
+//! `data_corrupted` through the IO's result instead of handing ciphertext on.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use tde_core::cipher::{is_all_zero, Cipher, PageCipher, RelKey, PAGE_SIZE};
+use zeroize::Zeroize;
+
+use crate::ffi;
+use crate::ffi::aio;
+use crate::keys::FileKey;
+
+/// Longest serialized [`RelKey`]: 64 key bytes (AES-256-XTS) and a 16-byte base IV.
+const MAX_KEY_BYTES: usize = 80;
+
+/// `cb_data` of the callback: where the IO's key is.
+const IN_SHARED_SLOT: u8 = 0;
+const IN_LOCAL_MAP: u8 = 1;
+
+/// The key of one in-flight read, in shared memory.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoKeySlot {
+    /// Set when the read is started, cleared when it completes.
+    armed: bool,
+    fork: u32,
+    cipher: u32,
+    key_len: u32,
+    key: [u8; MAX_KEY_BYTES],
+}
+
+/// One [`IoKeySlot`] per AIO handle, indexed by `pgaio_io_get_id()`.
+struct IoKeySlots {
+    ptr: *mut IoKeySlot,
+    len: usize,
+}
+
+/// The key of one in-flight read of a temporary relation.
+struct LocalIoKey {
+    fork: u32,
+    key: RelKey,
+}
+
+thread_local! {
+    // SAFETY (of the raw pointer): set once per process by the shmem startup hook,
+    // before any IO, and pointing into shared memory that lives as long as the process.
+    static SLOTS: RefCell<IoKeySlots> = const { RefCell::new(IoKeySlots { ptr: std::ptr::null_mut(), len: 0 }) };
+    /// Keys of this backend's in-flight reads of temporary relations, by AIO handle id.
+    static LOCAL_READS: RefCell<HashMap<i32, LocalIoKey>> = RefCell::new(HashMap::new());
+}
+
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+/// Number of slots requested (computed once, in the postmaster's request hook,
+/// and inherited by every child).
+static mut SLOT_COUNT: usize = 0;
+
+/// Register the completion callbacks and the shared memory for the slots.
+/// Runs in `_PG_init` during shared_preload_libraries.
+pub fn init() {
+    let callbacks = aio::PgAioHandleCallbacks {
+        stage: None,
+        complete_shared: Some(complete_shared),
+        complete_local: Some(complete_local),
+        report: Some(report),
+    };
+    // SAFETY: we are in _PG_init during shared_preload_libraries, as the core
+    // patch requires; the struct is copied.  Hooks are chained as PostgreSQL's
+    // own extensions chain them, in the single-threaded postmaster.
+    unsafe {
+        aio::pgaio_register_extension_callbacks(&callbacks);
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+/// How many AIO handles the server may create, at most: one per process slot
+/// times `io_max_concurrency`, which may still be -1 ("choose") here and is then
+/// chosen to be at most 64 (`AioChooseMaxConcurrency`).
+fn max_aio_handles() -> usize {
+    // SAFETY: plain reads of backend globals, set before shmem requests are made.
+    let (max_backends, io_max_concurrency) =
+        unsafe { ((&raw const pg_sys::MaxBackends).read(), (&raw const aio::io_max_concurrency).read()) };
+    let per_proc = if io_max_concurrency > 0 { io_max_concurrency } else { 64 };
+    (max_backends as usize + pg_sys::NUM_AUXILIARY_PROCS as usize) * per_proc as usize
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: chaining the previous hook, in the postmaster.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        SLOT_COUNT = max_aio_handles();
+        pg_sys::RequestAddinShmemSpace(SLOT_COUNT * size_of::<IoKeySlot>());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: chaining the previous hook; ShmemInitStruct under AddinShmemInitLock
+    // as PostgreSQL requires, with the size requested in shmem_request.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        let len = SLOT_COUNT;
+        // By now io_max_concurrency is chosen: make sure every handle has a slot.
+        if max_aio_handles() > len {
+            error!("pg_tde: shared memory for {len} AIO key slots, but the server may create {} AIO handles", max_aio_handles());
+        }
+        let bytes = len * size_of::<IoKeySlot>();
+        // AddinShmemInitLock is MainLWLockArray[21] (storage/lwlocklist.h).
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(c"pg_tde_aio_key_slots".as_ptr(), bytes, &mut found) as *mut IoKeySlot;
+        if !found {
+            std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        SLOTS.with(|s| *s.borrow_mut() = IoKeySlots { ptr, len });
+    }
+}
+
+/// The slot of AIO handle `id`.
+///
+/// # Safety
+/// The caller must own the IO of handle `id` (it is starting or completing it),
+/// which is what makes the slot exclusively its own.
+unsafe fn slot(id: i32) -> Option<&'static mut IoKeySlot> {
+    SLOTS.with(|s| {
+        let s = s.borrow();
+        let id = usize::try_from(id).ok()?;
+        // SAFETY: id < len and ptr points at len slots in shared memory; the
+        // caller's ownership of the IO makes the reference exclusive.
+        (id < s.len && !s.ptr.is_null()).then(|| unsafe { &mut *s.ptr.add(id) })
+    })
+}
+
+/// The storage manager's `smgr_startreadv`: md.c's asynchronous read, with the
+/// file's key handed to the completion callback when the file is encrypted.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn tde_startreadv(
+    ioh: *mut pg_sys::PgAioHandle,
+    reln: pg_sys::SMgrRelation,
+    forknum: pg_sys::ForkNumber::Type,
+    blocknum: pg_sys::BlockNumber,
+    buffers: *mut *mut c_void,
+    nblocks: pg_sys::BlockNumber,
+) {
+    // SAFETY: reln is the valid SMgrRelation smgrstartreadv was called with.
+    // Looking the key up may load it (files, provider): this is normal context.
+    if let Some(file_key) = unsafe { crate::smgr::cipher_of(reln) } {
+        // SAFETY: reln is valid (see above); ioh is the handle being defined.
+        let temp = unsafe { crate::smgr::is_temp(&(*reln).smgr_rlocator) };
+        let id = unsafe { aio::pgaio_io_get_id(ioh) };
+        let fork = crate::smgr::tweak_fork(forknum);
+        let cb_data = if temp { arm_local(id, fork, &file_key) } else { arm_shared(id, fork, &file_key) };
+        // Registered before md.c registers its own: completion callbacks run
+        // last-registered first, so this one runs after md.c's and before the
+        // buffer manager's (registered before smgrstartreadv was called).
+        // SAFETY: ioh is the handle being defined, not yet started.
+        unsafe { aio::pgaio_io_register_callbacks(ioh, aio::PGAIO_HCB_EXTENSION, cb_data) };
+    }
+    // SAFETY: arguments passed through unchanged.  With io_method=sync (or when
+    // PostgreSQL decides to), the read completes, and our callback runs, inside.
+    unsafe { ffi::mdstartreadv(ioh, reln, forknum, blocknum, buffers, nblocks) };
+}
+
+fn arm_shared(id: i32, fork: u32, file_key: &FileKey) -> u8 {
+    // SAFETY: we are defining the IO of handle id.
+    let Some(slot) = (unsafe { slot(id) }) else {
+        error!("pg_tde: AIO handle {id} has no key slot");
+    };
+    let bytes = file_key.key().to_bytes();
+    slot.fork = fork;
+    slot.cipher = file_key.key().cipher.as_u32();
+    slot.key_len = bytes.len() as u32;
+    slot.key[..bytes.len()].copy_from_slice(&bytes);
+    slot.armed = true;
+    IN_SHARED_SLOT
+}
+
+fn arm_local(id: i32, fork: u32, file_key: &FileKey) -> u8 {
+    // Allocation happens here, in normal context; completion only removes.
+    LOCAL_READS.with(|m| m.borrow_mut().insert(id, LocalIoKey { fork, key: file_key.key().clone() }));
+    IN_LOCAL_MAP
+}
+
+/// Take the key of handle `id` out of its slot, wiping the slot.
+fn take_shared(id: i32) -> Option<(u32, RelKey)> {
+    // SAFETY: we are completing the IO of handle id.
+    let slot = unsafe { slot(id) }?;
+    if !slot.armed {
+        return None;
+    }
+    let key = Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..slot.key_len as usize]).ok());
+    let fork = slot.fork;
+    slot.key.zeroize();
+    slot.armed = false;
+    key.map(|k| (fork, k))
+}
+
+fn take_local(id: i32) -> Option<(u32, RelKey)> {
+    LOCAL_READS.with(|m| m.try_borrow_mut().ok()?.remove(&id)).map(|l| (l.fork, l.key))
+}
+
+const RS_ERROR: u32 = aio::PGAIO_RS_ERROR;
+
+/// Decrypt the blocks of a completed read; `prior` is md.c's result (blocks read).
+///
+/// # Safety
+/// `ioh` is the completing handle; called from a completion callback.
+unsafe fn complete(ioh: *mut pg_sys::PgAioHandle, prior: pg_sys::PgAioResult, key: Option<(u32, RelKey)>) -> pg_sys::PgAioResult {
+    if prior.status() == RS_ERROR {
+        return prior;
+    }
+    let Some((fork, key)) = key else {
+        let mut failed = prior;
+        failed.set_status(RS_ERROR);
+        failed.set_id(aio::PGAIO_HCB_EXTENSION);
+        failed.set_error_data(0);
+        return failed;
+    };
+    // Built on the stack: key expansion allocates nothing.
+    let cipher = PageCipher::new(&key);
+    // SAFETY: the handle's target is the smgr read being completed.
+    let target = unsafe { &*aio::pgaio_io_get_target_data(ioh) };
+    // SAFETY: reading the smgr member of the target union, which md.c set.
+    let first_block = unsafe { target.smgr.blockNum };
+    let mut iov: *mut libc::iovec = std::ptr::null_mut();
+    // SAFETY: the handle's iovecs, as md.c defined them (contiguous buffers merged).
+    let iovcnt = unsafe { aio::pgaio_io_get_iovec_length(ioh, &mut iov) };
+    let mut left = prior.result.max(0) as u32;
+    let mut block = first_block;
+    for i in 0..iovcnt.max(0) as usize {
+        // SAFETY: iov points at iovcnt iovecs.
+        let v = unsafe { &*iov.add(i) };
+        let pages = v.iov_len / PAGE_SIZE;
+        for p in 0..pages {
+            if left == 0 {
+                return prior;
+            }
+            // SAFETY: each iovec covers whole pages of buffer memory of this IO.
+            let page = unsafe { std::slice::from_raw_parts_mut((v.iov_base as *mut u8).add(p * PAGE_SIZE), PAGE_SIZE) };
+            if !is_all_zero(page) {
+                cipher.decrypt_page(fork, block, page);
+            }
+            block += 1;
+            left -= 1;
+        }
+    }
+    prior
+}
+
+/// `complete_shared`: decrypt reads into shared buffers.
+#[pg_guard]
+unsafe extern "C-unwind" fn complete_shared(
+    ioh: *mut pg_sys::PgAioHandle,
+    prior: pg_sys::PgAioResult,
+    cb_data: u8,
+) -> pg_sys::PgAioResult {
+    if cb_data != IN_SHARED_SLOT {
+        return prior;
+    }
+    // SAFETY: ioh is the handle being completed.
+    let key = take_shared(unsafe { aio::pgaio_io_get_id(ioh) });
+    // SAFETY: as above.
+    unsafe { complete(ioh, prior, key) }
+}
+
+/// `complete_local`: decrypt reads of temporary relations, in their own backend.
+#[pg_guard]
+unsafe extern "C-unwind" fn complete_local(
+    ioh: *mut pg_sys::PgAioHandle,
+    prior: pg_sys::PgAioResult,
+    cb_data: u8,
+) -> pg_sys::PgAioResult {
+    if cb_data != IN_LOCAL_MAP {
+        return prior;
+    }
+    // SAFETY: ioh is the handle being completed.
+    let key = take_local(unsafe { aio::pgaio_io_get_id(ioh) });
+    // SAFETY: as above.
+    unsafe { complete(ioh, prior, key) }
+}
+
+/// Report a read that completed without its key (see [`complete`]).
+#[pg_guard]
+unsafe extern "C-unwind" fn report(result: pg_sys::PgAioResult, target: *const pg_sys::PgAioTargetData, elevel: i32) {
+    // SAFETY: the target of an smgr read.
+    let t = unsafe { &(*target).smgr };
+    let msg = format!(
+        "could not decrypt blocks {}..{} of relation file {}/{}/{} fork {}: the read completed without its key",
+        t.blockNum,
+        t.blockNum + t.nblocks.max(1) - 1,
+        t.rlocator.spcOid.to_u32(),
+        t.rlocator.dbOid.to_u32(),
+        t.rlocator.relNumber.to_u32(),
+        t.forkNum()
+    );
+    let _ = result;
+    ereport!(
+        PgLogLevel::from(elevel as isize),
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        msg
+    );
+}
