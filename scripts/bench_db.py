@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Database benchmarks for pg_tde: `heap` vs `tde_heap`, WAL encryption off vs on.
 
-One fresh patched PostgreSQL 17 server (run by the unprivileged OS user, Unix
+One fresh patched PostgreSQL server (17 or 18; --io-method for 18) (run by the unprivileged OS user, Unix
 socket only), every comparison in that one server and one run:
 
   seqscan       SELECT count(*) of an OS-cached table larger than shared_buffers,
@@ -130,7 +130,7 @@ class Server:
         self.profile_dir: Path | None = None
         self.profiles = 0
 
-    def initdb(self) -> None:
+    def initdb(self, io_method: str = "") -> None:
         subprocess.run(
             as_user([str(BIN / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
                       "-E", "UTF8", "--locale=C", "-k"]),
@@ -155,6 +155,7 @@ class Server:
                 "autovacuum = off\n"
                 "jit = off\n"
                 "max_connections = 50\n"
+                + (f"io_method = {io_method}\n" if io_method else "")
             )
 
     def start(self) -> None:
@@ -847,6 +848,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("PG_TDE_BENCH_DIR", "/var/tmp/pg_tde-bench")),
                     help="where the temporary server and the default results dir go")
     ap.add_argument("--out", type=Path, help="results directory (default: WORKDIR/results-<timestamp>)")
+    ap.add_argument("--io-method", default="",
+                    help="io_method of the server (PostgreSQL 18: worker, the default, sync or io_uring)")
     ap.add_argument("--keep", action="store_true", help="keep the server's data directory")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the scheduler place pgbench and the server (default: pgbench on CPU 0, server on the others)")
@@ -902,13 +905,15 @@ def main() -> int:
     rec = Recorder(out / "runs.csv")
     info: dict = {}
     version = "?"
+    io_method = "?"
     failures: list[str] = []
     checkpoints: list[str] = []
     try:
         log(f"server in {srv.base}, results in {out}")
-        srv.initdb()
+        srv.initdb(args.io_method)
         srv.start()
         version = srv.psql("SHOW server_version")
+        io_method = srv.psql("SELECT coalesce((SELECT setting FROM pg_settings WHERE name = 'io_method'), 'n/a (no AIO)')")
         info = setup_databases(srv, rows, pgb_scale, benches)
         tdb, tables, dbs = info["table_db"], info["tables"], info["pgbench_dbs"]
         objs = {
@@ -965,7 +970,7 @@ def main() -> int:
     conditions = [
         f"- command: `bash scripts/bench-db.sh {' '.join(sys.argv[1:])}`".rstrip(),
         f"- date: {dt.datetime.now().isoformat(timespec='minutes')}, elapsed {elapsed / 60:.1f} min; git {git_rev()}",
-        f"- server: PostgreSQL {version}, pg_tde.so build: {profile}; shared_buffers 128MB, fsync on, synchronous_commit on, "
+        f"- server: PostgreSQL {version}, io_method {io_method}, pg_tde.so build: {profile}; shared_buffers 128MB, fsync on, synchronous_commit on, "
         "max_wal_size 8GB, autovacuum off, checksums on, pg_tde.cipher default (aes_128_xts)",
         f"- data: --scale {args.scale} ({rows} rows per large table; pgbench scale {pgb_scale}); sizes: {sizes or 'n/a'}",
         f"- method: {args.pairs} pairs per comparison after one warm-up run per side; pgbench -T {args.duration}; "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything and runs an encrypted demo cluster:
-#   installs packages, builds the patched PostgreSQL 17 (cached), cargo-pgrx,
+#   installs packages, builds the patched PostgreSQL (18 by default,
+#   PG_TDE_PG_MAJOR=17 for 17; cached), cargo-pgrx,
 #   builds and installs pg_tde, creates a cluster with pg_tde preloaded, a
 #   keyring-file key provider and a principal key, creates an encrypted table,
 #   shows that it is encrypted (also by reading its file on disk), and leaves
@@ -15,9 +16,10 @@ DATA=$DEMO_DIR/data
 KEYRING=$DEMO_DIR/keyring/keyring.json
 
 bash "$REPO_ROOT/scripts/setup.sh"
+use_pg_build
 
 log "building and installing pg_tde"
-(cd "$REPO_ROOT/pg_tde" && cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null)
+(cd "$REPO_ROOT/pg_tde" && cargo pgrx install --release --pg-config "$PG_CONFIG" --no-default-features --features "pg$PG_MAJOR" >/dev/null)
 cargo build --release --locked -p tde-tools --manifest-path "$REPO_ROOT/Cargo.toml" >/dev/null
 install -m 755 "$CARGO_TARGET_DIR"/release/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt} "$PG_PREFIX/bin/"
 
