@@ -97,7 +97,7 @@ pub fn init() {
     // patch requires; the struct is copied.  Hooks are chained as PostgreSQL's
     // own extensions chain them, in the single-threaded postmaster.
     unsafe {
-        aio::pgaio_register_extension_callbacks(&callbacks);
+        ffi::guarded(|| aio::pgaio_register_extension_callbacks(&callbacks));
         PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
         pg_sys::shmem_request_hook = Some(shmem_request);
         PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
@@ -183,21 +183,39 @@ pub unsafe extern "C-unwind" fn tde_startreadv(
 ) {
     // SAFETY: reln is the valid SMgrRelation smgrstartreadv was called with.
     // Looking the key up may load it (files, provider): this is normal context.
-    if let Some(file_key) = unsafe { crate::smgr::cipher_of(reln) } {
-        // SAFETY: reln is valid (see above); ioh is the handle being defined.
-        let temp = unsafe { crate::smgr::is_temp(&(*reln).smgr_rlocator) };
-        let id = unsafe { aio::pgaio_io_get_id(ioh) };
-        let fork = crate::smgr::tweak_fork(forknum);
-        let cb_data = if temp { arm_local(id, fork, &file_key) } else { arm_shared(id, fork, &file_key) };
-        // Registered before md.c registers its own: completion callbacks run
-        // last-registered first, so this one runs after md.c's and before the
-        // buffer manager's (registered before smgrstartreadv was called).
-        // SAFETY: ioh is the handle being defined, not yet started.
-        unsafe { aio::pgaio_io_register_callbacks(ioh, aio::PGAIO_HCB_EXTENSION, cb_data) };
+    let Some(file_key) = (unsafe { crate::smgr::cipher_of(reln) }) else {
+        // SAFETY: arguments passed through unchanged.
+        unsafe { ffi::guarded(|| ffi::mdstartreadv(ioh, reln, forknum, blocknum, buffers, nblocks)) };
+        return;
+    };
+    // SAFETY: reln is valid (see above); ioh is the handle being defined.
+    let temp = crate::smgr::is_temp(unsafe { &(*reln).smgr_rlocator });
+    let id = unsafe { aio::pgaio_io_get_id(ioh) };
+    let fork = crate::smgr::tweak_fork(forknum);
+    let cb_data = if temp { arm_local(id, fork, &file_key) } else { arm_shared(id, fork, &file_key) };
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: ioh is the handle being defined, not yet started; the other
+        // arguments are passed through unchanged.  Registered before md.c
+        // registers its own: completion callbacks run last-registered first, so
+        // ours runs after md.c's and before the buffer manager's (registered
+        // before smgrstartreadv was called).  With io_method=sync (or whenever
+        // PostgreSQL decides to) the read completes, and our callback runs, inside.
+        unsafe {
+            ffi::guarded(|| {
+                aio::pgaio_io_register_callbacks(ioh, aio::PGAIO_HCB_EXTENSION, cb_data);
+                ffi::mdstartreadv(ioh, reln, forknum, blocknum, buffers, nblocks)
+            })
+        }
+    }));
+    if let Err(e) = started {
+        // The read never started (for example the file is missing): wipe its key.
+        if temp {
+            drop(take_local(id));
+        } else {
+            drop(take_shared(id));
+        }
+        std::panic::resume_unwind(e);
     }
-    // SAFETY: arguments passed through unchanged.  With io_method=sync (or when
-    // PostgreSQL decides to), the read completes, and our callback runs, inside.
-    unsafe { ffi::mdstartreadv(ioh, reln, forknum, blocknum, buffers, nblocks) };
 }
 
 fn arm_shared(id: i32, fork: u32, file_key: &FileKey) -> u8 {

@@ -8,6 +8,19 @@ use std::ffi::{c_int, c_void};
 
 use pgrx::pg_sys::{BlockNumber, ForkNumber, Oid, RelFileLocatorBackend, SMgrRelation};
 
+/// Call into PostgreSQL through pgrx's guard: an ERROR raised inside comes back
+/// as a Rust panic (turned into an ERROR again by our own `#[pg_guard]` entry
+/// point), never as a longjmp across Rust frames.  The declarations below stay
+/// unguarded because the storage manager table needs them as C function
+/// pointers; direct calls go through this.
+///
+/// # Safety
+/// `f` must be a sound call into PostgreSQL, made from the backend's main thread.
+pub unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: per the contract.
+    unsafe { pgrx::pg_sys::ffi::pg_guard_ffi_boundary(f) }
+}
+
 #[allow(improper_ctypes)]
 unsafe extern "C-unwind" {
     pub fn mdinit();

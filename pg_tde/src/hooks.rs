@@ -228,7 +228,7 @@ fn sync_owned_sequences(table: pg_sys::Oid) {
             pg_sys::RelationClose(rel);
             let has = keys::file_has_key(FileId::from(locator), is_temp_persistence(persistence)).or_raise();
             if has != want {
-                ffi::SequenceChangePersistence(seq, persistence);
+                ffi::guarded(|| ffi::SequenceChangePersistence(seq, persistence));
             }
         }
     }

@@ -118,7 +118,7 @@ unsafe extern "C-unwind" fn tde_readv(
     nblocks: pg_sys::BlockNumber,
 ) {
     // SAFETY: arguments are passed through unchanged from smgrreadv.
-    unsafe { ffi::mdreadv(reln, forknum, blocknum, buffers, nblocks) };
+    unsafe { ffi::guarded(|| ffi::mdreadv(reln, forknum, blocknum, buffers, nblocks)) };
     // SAFETY: reln is the valid SMgrRelation smgrreadv was called with.
     let Some(cipher) = (unsafe { cipher_of(reln) }) else { return };
     let fork = tweak_fork(forknum);
@@ -144,7 +144,7 @@ unsafe extern "C-unwind" fn tde_writev(
     // SAFETY: reln is the valid SMgrRelation smgrwritev was called with.
     let Some(cipher) = (unsafe { cipher_of(reln) }) else {
         // SAFETY: arguments passed through unchanged.
-        unsafe { ffi::mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync) };
+        unsafe { ffi::guarded(|| ffi::mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync)) };
         return;
     };
     let fork = tweak_fork(forknum);
@@ -159,7 +159,7 @@ unsafe extern "C-unwind" fn tde_writev(
         }
         // SAFETY: ptrs holds nblocks valid page pointers into scratch, which
         // outlives the call.
-        unsafe { ffi::mdwritev(reln, forknum, blocknum, ptrs.as_mut_ptr(), nblocks, skip_fsync) };
+        unsafe { ffi::guarded(|| ffi::mdwritev(reln, forknum, blocknum, ptrs.as_mut_ptr(), nblocks, skip_fsync)) };
     });
 }
 
@@ -174,7 +174,7 @@ unsafe extern "C-unwind" fn tde_extend(
     // SAFETY: reln is the valid SMgrRelation smgrextend was called with.
     let Some(cipher) = (unsafe { cipher_of(reln) }) else {
         // SAFETY: arguments passed through unchanged.
-        unsafe { ffi::mdextend(reln, forknum, blocknum, buffer, skip_fsync) };
+        unsafe { ffi::guarded(|| ffi::mdextend(reln, forknum, blocknum, buffer, skip_fsync)) };
         return;
     };
     with_scratch(1, |scratch| {
@@ -183,7 +183,7 @@ unsafe extern "C-unwind" fn tde_extend(
         let out = &mut scratch[0].0;
         cipher.encrypt_page_into(tweak_fork(forknum), blocknum, page, out);
         // SAFETY: out is a valid page buffer for the duration of the call.
-        unsafe { ffi::mdextend(reln, forknum, blocknum, out.as_ptr() as *const c_void, skip_fsync) };
+        unsafe { ffi::guarded(|| ffi::mdextend(reln, forknum, blocknum, out.as_ptr() as *const c_void, skip_fsync)) };
     });
 }
 
@@ -194,7 +194,7 @@ unsafe extern "C-unwind" fn tde_unlink(
     is_redo: bool,
 ) {
     // SAFETY: arguments passed through unchanged.
-    unsafe { ffi::mdunlink(rlocator, forknum, is_redo) };
+    unsafe { ffi::guarded(|| ffi::mdunlink(rlocator, forknum, is_redo)) };
     if forknum == pg_sys::ForkNumber::MAIN_FORKNUM || forknum == pg_sys::ForkNumber::InvalidForkNumber {
         // Unlinking happens after commit or abort: never raise an error here.
         if let Err(e) = keys::remove_file_key(FileId::from(rlocator.locator), is_temp(&rlocator)) {
