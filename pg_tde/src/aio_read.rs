@@ -139,7 +139,10 @@ unsafe extern "C-unwind" fn shmem_startup() {
         let len = SLOT_COUNT;
         // By now io_max_concurrency is chosen: make sure every handle has a slot.
         if max_aio_handles() > len {
-            error!("pg_tde: shared memory for {len} AIO key slots, but the server may create {} AIO handles", max_aio_handles());
+            error!(
+                "pg_tde: shared memory for {len} AIO key slots, but the server may create {} AIO handles",
+                max_aio_handles()
+            );
         }
         let bytes = len * size_of::<IoKeySlot>();
         // AddinShmemInitLock is MainLWLockArray[21] (storage/lwlocklist.h).
@@ -245,7 +248,8 @@ fn take_shared(id: i32) -> Option<(u32, RelKey)> {
     if !slot.armed {
         return None;
     }
-    let key = Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..slot.key_len as usize]).ok());
+    let key =
+        Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..slot.key_len as usize]).ok());
     let fork = slot.fork;
     slot.key.zeroize();
     slot.armed = false;
@@ -262,7 +266,11 @@ const RS_ERROR: u32 = aio::PGAIO_RS_ERROR;
 ///
 /// # Safety
 /// `ioh` is the completing handle; called from a completion callback.
-unsafe fn complete(ioh: *mut pg_sys::PgAioHandle, prior: pg_sys::PgAioResult, key: Option<(u32, RelKey)>) -> pg_sys::PgAioResult {
+unsafe fn complete(
+    ioh: *mut pg_sys::PgAioHandle,
+    prior: pg_sys::PgAioResult,
+    key: Option<(u32, RelKey)>,
+) -> pg_sys::PgAioResult {
     if prior.status() == RS_ERROR {
         return prior;
     }
@@ -351,9 +359,5 @@ unsafe extern "C-unwind" fn report(result: pg_sys::PgAioResult, target: *const p
         t.forkNum()
     );
     let _ = result;
-    ereport!(
-        PgLogLevel::from(elevel as isize),
-        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        msg
-    );
+    ereport!(PgLogLevel::from(elevel as isize), PgSqlErrorCode::ERRCODE_DATA_CORRUPTED, msg);
 }
