@@ -161,7 +161,8 @@ apply_patches() {
             rm -rf "$1"
             {
                 echo "ERROR: $(basename "$p") does not apply to this PostgreSQL source (patch --fuzz=0):"
-                echo "$out" | grep -E 'FAILED|can.t find file|Reversed|malformed' | sed 's/^/  /'
+                echo "$out" | awk '/^patching file/ { file = $3 }
+                    /FAILED|can.t find file|Reversed|malformed/ { sub(/ -- saving rejects.*/, ""); print "  " file ": " $0 }'
                 echo "  Nothing was built.  The series in $PATCH_DIR needs rebasing to this minor."
             } >&2
             exit 1
