@@ -19,7 +19,8 @@
 //!   AIO handle, because the completion may run in another process.  Decrypted
 //!   in `complete_shared`, before the buffer manager's `complete_shared`.
 //! - Temporary relations (local buffers): the key stays in the backend's own
-//!   memory, as all temporary keys do, and the pages are decrypted in
+//!   memory, as all temporary keys do (the handle gets a reference to the
+//!   backend's expanded cipher, not a copy), and the pages are decrypted in
 //!   `complete_local`, which PostgreSQL runs in the issuing backend only, before
 //!   the local buffer manager's own `complete_local`.
 //!
@@ -29,6 +30,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::Arc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -64,10 +66,11 @@ struct IoKeySlots {
     len: usize,
 }
 
-/// The key of one in-flight read of a temporary relation.
+/// The key of one in-flight read of a temporary relation: the backend's own
+/// expanded cipher, shared, not copied.
 struct LocalIoKey {
     fork: u32,
-    key: RelKey,
+    key: Arc<FileKey>,
 }
 
 thread_local! {
@@ -80,9 +83,6 @@ thread_local! {
 
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
-/// Number of slots requested (computed once, in the postmaster's request hook,
-/// and inherited by every child).
-static mut SLOT_COUNT: usize = 0;
 
 /// Register the completion callbacks and the shared memory for the slots.
 /// Runs in `_PG_init` during shared_preload_libraries.
@@ -105,9 +105,12 @@ pub fn init() {
     }
 }
 
-/// How many AIO handles the server may create, at most: one per process slot
-/// times `io_max_concurrency`, which may still be -1 ("choose") here and is then
-/// chosen to be at most 64 (`AioChooseMaxConcurrency`).
+/// How many AIO handles the server creates: one per process slot (`AioProcs()`)
+/// times `io_max_concurrency`.  In the shmem request hook `io_max_concurrency`
+/// may still be -1 ("choose"); PostgreSQL then chooses at most 64
+/// (`AioChooseMaxConcurrency`), so 64 gives an upper bound to request.  From the
+/// shmem startup hook on, in every process (`EXEC_BACKEND` children included,
+/// which run no request hook), it is the real count.
 fn max_aio_handles() -> usize {
     // SAFETY: plain reads of backend globals, set before shmem requests are made.
     let (max_backends, io_max_concurrency) =
@@ -123,8 +126,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(prev) = PREV_SHMEM_REQUEST {
             prev();
         }
-        SLOT_COUNT = max_aio_handles();
-        pg_sys::RequestAddinShmemSpace(SLOT_COUNT * size_of::<IoKeySlot>());
+        pg_sys::RequestAddinShmemSpace(max_aio_handles() * size_of::<IoKeySlot>());
     }
 }
 
@@ -136,14 +138,9 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
-        let len = SLOT_COUNT;
-        // By now io_max_concurrency is chosen: make sure every handle has a slot.
-        if max_aio_handles() > len {
-            error!(
-                "pg_tde: shared memory for {len} AIO key slots, but the server may create {} AIO handles",
-                max_aio_handles()
-            );
-        }
+        // io_max_concurrency is chosen by now: one slot per handle, the same
+        // number in every process (no more than was requested).
+        let len = max_aio_handles();
         let bytes = len * size_of::<IoKeySlot>();
         // AddinShmemInitLock is MainLWLockArray[21] (storage/lwlocklist.h).
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
@@ -235,32 +232,33 @@ fn arm_shared(id: i32, fork: u32, file_key: &FileKey) -> u8 {
     IN_SHARED_SLOT
 }
 
-fn arm_local(id: i32, fork: u32, file_key: &FileKey) -> u8 {
+fn arm_local(id: i32, fork: u32, file_key: &Arc<FileKey>) -> u8 {
     // Allocation happens here, in normal context; completion only removes.
-    LOCAL_READS.with(|m| m.borrow_mut().insert(id, LocalIoKey { fork, key: file_key.key().clone() }));
+    LOCAL_READS.with(|m| m.borrow_mut().insert(id, LocalIoKey { fork, key: Arc::clone(file_key) }));
     IN_LOCAL_MAP
 }
 
-/// Take the key of handle `id` out of its slot, wiping the slot.
-fn take_shared(id: i32) -> Option<(u32, RelKey)> {
+/// Take the key of handle `id` out of its slot, wiping the slot, and expand it
+/// (on the stack: key expansion allocates nothing).
+fn take_shared(id: i32) -> Option<(u32, PageCipher)> {
     // SAFETY: we are completing the IO of handle id.
     let slot = unsafe { slot(id) }?;
     if !slot.armed {
         return None;
     }
-    let key =
-        Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..slot.key_len as usize]).ok());
+    let len = (slot.key_len as usize).min(MAX_KEY_BYTES);
+    let key = Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..len]).ok());
     let fork = slot.fork;
     slot.key.zeroize();
     slot.armed = false;
-    key.map(|k| (fork, k))
+    key.map(|k| (fork, PageCipher::new(&k)))
 }
 
-fn take_local(id: i32) -> Option<(u32, RelKey)> {
+fn take_local(id: i32) -> Option<(u32, Arc<FileKey>)> {
     LOCAL_READS.with(|m| m.try_borrow_mut().ok()?.remove(&id)).map(|l| (l.fork, l.key))
 }
 
-const RS_ERROR: u32 = aio::PGAIO_RS_ERROR;
+const RS_ERROR: u32 = pg_sys::PgAioResultStatus::PGAIO_RS_ERROR;
 
 /// Decrypt the blocks of a completed read; `prior` is md.c's result (blocks read).
 ///
@@ -269,20 +267,18 @@ const RS_ERROR: u32 = aio::PGAIO_RS_ERROR;
 unsafe fn complete(
     ioh: *mut pg_sys::PgAioHandle,
     prior: pg_sys::PgAioResult,
-    key: Option<(u32, RelKey)>,
+    key: Option<(u32, &PageCipher)>,
 ) -> pg_sys::PgAioResult {
     if prior.status() == RS_ERROR {
         return prior;
     }
-    let Some((fork, key)) = key else {
+    let Some((fork, cipher)) = key else {
         let mut failed = prior;
         failed.set_status(RS_ERROR);
         failed.set_id(aio::PGAIO_HCB_EXTENSION);
         failed.set_error_data(0);
         return failed;
     };
-    // Built on the stack: key expansion allocates nothing.
-    let cipher = PageCipher::new(&key);
     // SAFETY: the handle's target is the smgr read being completed.
     let target = unsafe { &*aio::pgaio_io_get_target_data(ioh) };
     // SAFETY: reading the smgr member of the target union, which md.c set.
@@ -325,7 +321,7 @@ unsafe extern "C-unwind" fn complete_shared(
     // SAFETY: ioh is the handle being completed.
     let key = take_shared(unsafe { aio::pgaio_io_get_id(ioh) });
     // SAFETY: as above.
-    unsafe { complete(ioh, prior, key) }
+    unsafe { complete(ioh, prior, key.as_ref().map(|(fork, c)| (*fork, c))) }
 }
 
 /// `complete_local`: decrypt reads of temporary relations, in their own backend.
@@ -341,7 +337,7 @@ unsafe extern "C-unwind" fn complete_local(
     // SAFETY: ioh is the handle being completed.
     let key = take_local(unsafe { aio::pgaio_io_get_id(ioh) });
     // SAFETY: as above.
-    unsafe { complete(ioh, prior, key) }
+    unsafe { complete(ioh, prior, key.as_ref().map(|(fork, k)| (*fork, &***k))) }
 }
 
 /// Report a read that completed without its key (see [`complete`]).

@@ -93,8 +93,6 @@ pub mod aio {
     /// `PgAioHandleCallbackID` of the slot the core patch adds for an extension
     /// (after INVALID, MD_READV, SHARED_BUFFER_READV, LOCAL_BUFFER_READV).
     pub const PGAIO_HCB_EXTENSION: c_uint = 4;
-    /// `PgAioResultStatus::PGAIO_RS_ERROR`.
-    pub const PGAIO_RS_ERROR: u32 = 4;
 
     pub type Complete = unsafe extern "C-unwind" fn(*mut PgAioHandle, PgAioResult, u8) -> PgAioResult;
     pub type Report = unsafe extern "C-unwind" fn(PgAioResult, *const PgAioTargetData, c_int);
@@ -117,6 +115,9 @@ pub mod aio {
         /// From the core patch.
         pub fn pgaio_register_extension_callbacks(cb: *const PgAioHandleCallbacks);
         /// `storage/aio_internal.h`: the iovecs of a defined IO, and how many.
+        /// Internal to PostgreSQL's AIO (its comment names debugging as the
+        /// use); the iovecs are what md.c read into, and nothing public gives
+        /// them to a completion callback.
         pub fn pgaio_io_get_iovec_length(ioh: *mut PgAioHandle, iov: *mut *mut libc::iovec) -> c_int;
     }
 }
