@@ -324,7 +324,7 @@ class Server:
                          ("kernel_cpu_pct", "[kernel.kallsyms]"))) + f" report={text.name}"
 
     def cold_buffers(self) -> None:
-        """CHECKPOINT, then evict every shared buffer (pg_buffercache_evict, PostgreSQL 17).
+        """CHECKPOINT, then evict every shared buffer (pg_buffercache_evict, PostgreSQL 17 and 18).
 
         Every measured run starts from the same state: nothing of the benchmark's
         relations in shared_buffers (so every page is read, and decrypted, from
@@ -332,7 +332,12 @@ class Server:
         Without this the relation written last during setup stays partly
         resident and an A/A control of two identical heap tables reads 2x apart.
         """
-        self.psql("CHECKPOINT; SELECT count(*) FILTER (WHERE pg_buffercache_evict(bufferid)) "
+        # 17 returns whether the buffer was evicted, 18 a record that says so.
+        if int(self.psql("SHOW server_version_num")) >= 180000:
+            evicted = "(pg_buffercache_evict(bufferid)).buffer_evicted"
+        else:
+            evicted = "pg_buffercache_evict(bufferid)"
+        self.psql(f"CHECKPOINT; SELECT count(*) FILTER (WHERE {evicted}) "
                   "FROM pg_buffercache WHERE relfilenode IS NOT NULL")
 
     def rel_files(self, rel: str, db: str) -> list[Path]:
