@@ -227,11 +227,11 @@ fn arm_shared(id: i32, fork: u32, file_key: &FileKey) -> u8 {
     let Some(slot) = (unsafe { slot(id) }) else {
         error!("pg_tde: AIO handle {id} has no key slot");
     };
-    let bytes = file_key.key().to_bytes();
+    let bytes = file_key.key_bytes();
     slot.fork = fork;
-    slot.cipher = file_key.key().cipher.as_u32();
+    slot.cipher = file_key.cipher().as_u32();
     slot.key_len = bytes.len() as u32;
-    slot.key[..bytes.len()].copy_from_slice(&bytes);
+    slot.key[..bytes.len()].copy_from_slice(bytes);
     slot.armed = true;
     IN_SHARED_SLOT
 }

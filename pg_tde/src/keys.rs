@@ -277,19 +277,21 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
 /// another process and rebuilds the cipher there (see `aio_read`).
 pub struct FileKey {
     cipher: PageCipher,
+    /// The key serialized ([`RelKey::to_bytes`]) once, so that starting a read
+    /// copies it without allocating.
     #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
-    key: RelKey,
+    key_bytes: Zeroizing<Vec<u8>>,
 }
 
 impl FileKey {
     fn new(key: RelKey) -> FileKey {
-        FileKey { cipher: PageCipher::new(&key), key }
+        FileKey { cipher: PageCipher::new(&key), key_bytes: key.to_bytes() }
     }
 
-    /// The internal key (never logged, never returned by SQL).
+    /// The internal key, serialized (never logged, never returned by SQL).
     #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
-    pub fn key(&self) -> &RelKey {
-        &self.key
+    pub fn key_bytes(&self) -> &[u8] {
+        &self.key_bytes
     }
 }
 
