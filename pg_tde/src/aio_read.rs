@@ -11,9 +11,10 @@
 //! Everything that can fail happens when the read is started, in the issuing
 //! backend with normal error handling: the file's key is looked up (loading it
 //! if needed) and copied into a slot of the IO handle.  The completion only
-//! rebuilds the page cipher from that slot on its stack (key expansion: no
-//! allocation, no lock, no file, no provider), decrypts each block that was
-//! read with its own block number, and wipes the slot.
+//! takes the page cipher of that key from a small per-process cache, expanding
+//! the key in place on a miss (no allocation, no lock, no file, no provider),
+//! decrypts each block that was read with its own block number, and wipes the
+//! slot.
 //!
 //! - Shared-buffer reads: the slot is in shared memory ([`IoKeySlots`]), one per
 //!   AIO handle, because the completion may run in another process.  Decrypted
