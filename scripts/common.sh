@@ -43,7 +43,11 @@ use_pg_build() {
     CARGO_TARGET_DIR=${PG_TDE_CARGO_TARGET_DIR:-$PG_TDE_CACHE/target-$build}
     export PG_PREFIX PG_CONFIG PGRX_HOME CARGO_TARGET_DIR
 }
-use_pg_build || export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PG_TDE_CACHE/target-no-pg}
+if ! use_pg_build; then
+    # No build for this major yet: nothing of another major's may linger.
+    unset PG_PREFIX PG_CONFIG PGRX_HOME
+    export CARGO_TARGET_DIR=${PG_TDE_CARGO_TARGET_DIR:-$PG_TDE_CACHE/target-no-pg}
+fi
 
 # The unprivileged OS user that runs clusters (initdb/postgres refuse root).
 PG_TDE_OS_USER=${PG_TDE_OS_USER:-postgres}

@@ -34,9 +34,9 @@ install_apt_packages() {
 }
 
 add_deb_src_entries() {
-    [ -f "$SRC_LIST" ] && return
-    log "adding deb-src entries (trixie, trixie-security, forky, sid) in $SRC_LIST"
-    cat > "$SRC_LIST" <<'SRC'
+    local want
+    want=$(mktemp)
+    cat > "$want" <<'SRC'
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: trixie forky sid
@@ -49,6 +49,13 @@ Suites: trixie-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
+    if cmp -s "$want" "$SRC_LIST"; then
+        rm -f "$want"
+    else
+        log "writing deb-src entries (trixie, trixie-security, forky, sid) to $SRC_LIST"
+        mv "$want" "$SRC_LIST"
+        chmod 644 "$SRC_LIST"
+    fi
 }
 
 # fetch_debian_source: sets SRC_TARBALL and SRC_ORIGIN to the newest
@@ -57,7 +64,7 @@ fetch_debian_source() {
     add_deb_src_entries
     apt-get update -qq || log "apt-get update failed; trying with the indexes apt has"
     local versions tried=() v dir
-    versions=$(apt-cache showsrc "postgresql-$PG_MAJOR" 2>/dev/null | sed -n 's/^Version: //p' | sort -V -r -u)
+    versions=$({ apt-cache showsrc "postgresql-$PG_MAJOR" 2>/dev/null || true; } | sed -n 's/^Version: //p' | sort -V -r -u)
     for v in $versions; do
         dir=$PG_TDE_CACHE/src/postgresql-$PG_MAJOR-$v
         if [ ! -f "$dir/.complete" ]; then
@@ -71,7 +78,7 @@ fetch_debian_source() {
             fi
             touch "$dir/.complete"
         fi
-        SRC_TARBALL=$(ls "$dir"/postgresql-"$PG_MAJOR"_*.orig.tar.* 2>/dev/null | head -n1)
+        SRC_TARBALL=$(ls "$dir"/postgresql-"$PG_MAJOR"_*.orig.tar.* 2>/dev/null | head -n1 || true)
         if [ -n "$SRC_TARBALL" ]; then
             SRC_ORIGIN="Debian source package postgresql-$PG_MAJOR $v"
             return

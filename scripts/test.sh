@@ -14,15 +14,30 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 MAJORS=${PG_TDE_TEST_MAJORS:-${SUPPORTED_PG_MAJORS[*]}}
+# A tarball given with PG_TDE_PG_SOURCE is for the major it holds only.
+USER_SOURCE=""
+USER_SOURCE_MAJOR=""
+if [ -n "${PG_TDE_PG_SOURCE:-}" ]; then
+    USER_SOURCE=$(readlink -f "$PG_TDE_PG_SOURCE")
+    USER_SOURCE_MAJOR=$(tar -tf "$USER_SOURCE" | head -n1 | sed -n 's/^postgresql-\([0-9]*\)\..*/\1/p' || true)
+fi
 bash "$REPO_ROOT/scripts/install-test-servers.sh"
 cd "$REPO_ROOT"
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q pytest
 
 # io_uring_usable: whether this kernel lets an unprivileged server use io_uring
-# (containers often forbid io_uring_setup).
+# (containers often forbid io_uring_setup; kernel.io_uring_disabled=1 allows it
+# to privileged processes only, which the server is not).
 io_uring_usable() {
     python3 - <<'PY'
 import ctypes, os, sys
+try:
+    disabled = int(open("/proc/sys/kernel/io_uring_disabled").read())
+except (OSError, ValueError):
+    disabled = 0
+if disabled:
+    print(f"kernel.io_uring_disabled = {disabled}")
+    sys.exit(1)
 libc = ctypes.CDLL(None, use_errno=True)
 params = (ctypes.c_ubyte * 120)()
 fd = libc.syscall(425, 4, params)  # io_uring_setup(4, &params)
@@ -38,6 +53,11 @@ skipped=()
 first=1
 for major in $MAJORS; do
     export PG_TDE_PG_MAJOR=$major
+    if [ -n "$USER_SOURCE" ] && [ "$USER_SOURCE_MAJOR" = "$major" ]; then
+        export PG_TDE_PG_SOURCE=$USER_SOURCE
+    else
+        unset PG_TDE_PG_SOURCE
+    fi
     # shellcheck source=common.sh
     source "$REPO_ROOT/scripts/common.sh"
     log "PostgreSQL $major: setup"

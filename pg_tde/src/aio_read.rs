@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use tde_core::cipher::{is_all_zero, Cipher, PageCipher, RelKey, PAGE_SIZE};
+use tde_core::cipher::{is_all_zero, Cipher, PageCipher, RelKey, BASE_IV_LEN, PAGE_SIZE};
 use zeroize::Zeroize;
 
 use crate::ffi;
@@ -284,12 +284,18 @@ impl ExpandedKeys {
         let idx = match hit {
             Some(i) => i,
             None => {
-                let relkey = RelKey::from_bytes(Cipher::from_u32(slot.cipher)?, bytes).ok()?;
+                let cipher = Cipher::from_u32(slot.cipher)?;
+                // from_bytes formats (allocates) an error on a wrong length: check first.
+                if bytes.len() != cipher.key_len() + BASE_IV_LEN {
+                    return None;
+                }
+                let relkey = RelKey::from_bytes(cipher, bytes).ok()?;
                 let i = self.next_victim;
                 self.next_victim = (i + 1) % EXPANDED_KEYS;
                 let mut key = [0u8; MAX_KEY_BYTES];
                 key[..len].copy_from_slice(bytes);
-                // Replaces (and so zeroes) the oldest entry; built in place, no heap.
+                // Replaces (and so zeroes) the oldest entry; no heap.  The round keys
+                // may pass through the stack on the way (as in any key expansion).
                 self.entries[i] =
                     Some(ExpandedKey { cipher: slot.cipher, key_len: len, key, page_cipher: PageCipher::new(&relkey) });
                 key.zeroize();
