@@ -25,29 +25,6 @@ bash "$REPO_ROOT/scripts/install-test-servers.sh"
 cd "$REPO_ROOT"
 python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q pytest
 
-# io_uring_usable: whether this kernel lets an unprivileged server use io_uring
-# (containers often forbid io_uring_setup; kernel.io_uring_disabled=1 allows it
-# to privileged processes only, which the server is not).
-io_uring_usable() {
-    python3 - <<'PY'
-import ctypes, os, sys
-try:
-    disabled = int(open("/proc/sys/kernel/io_uring_disabled").read())
-except (OSError, ValueError):
-    disabled = 0
-if disabled:
-    print(f"kernel.io_uring_disabled = {disabled}")
-    sys.exit(1)
-libc = ctypes.CDLL(None, use_errno=True)
-params = (ctypes.c_ubyte * 120)()
-fd = libc.syscall(425, 4, params)  # io_uring_setup(4, &params)
-if fd < 0:
-    print(os.strerror(ctypes.get_errno()))
-    sys.exit(1)
-os.close(fd)
-PY
-}
-
 tested=()
 skipped=()
 first=1
@@ -111,7 +88,7 @@ for major in $MAJORS; do
 
     if [ "$major" -ge 18 ]; then
         configs=("worker on" "sync off")
-        if why=$(io_uring_usable); then
+        if why=$(python3 "$REPO_ROOT/scripts/io_uring_probe.py"); then
             configs+=("io_uring on")
         else
             log "io_method=io_uring: SKIPPED, this kernel refuses io_uring_setup ($why)"

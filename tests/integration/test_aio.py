@@ -10,31 +10,13 @@ checksums on and off, whatever configuration the rest of the suite runs under.
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import pytest
 
 from cluster import Cluster, make_keyring_dir, pg_major, setup_encryption
 
+import io_uring_probe  # noqa: E402  (scripts/, put on the path by cluster)
+
 pytestmark = pytest.mark.skipif(pg_major() < 18, reason="asynchronous reads are PostgreSQL 18's")
-
-
-def _io_uring_refusal() -> str | None:
-    """Why this kernel refuses io_uring to the (unprivileged) server, or None."""
-    try:
-        disabled = int(open("/proc/sys/kernel/io_uring_disabled").read())
-    except (OSError, ValueError):
-        disabled = 0
-    if disabled:
-        return f"kernel.io_uring_disabled = {disabled}"
-    libc = ctypes.CDLL(None, use_errno=True)
-    params = (ctypes.c_ubyte * 120)()
-    fd = libc.syscall(425, 4, params)  # io_uring_setup(4, &params)
-    if fd < 0:
-        return os.strerror(ctypes.get_errno())
-    os.close(fd)
-    return None
 
 
 CONFIGS = [
@@ -48,7 +30,7 @@ CONFIGS = [
 def aio(request):
     io_method, checksums = request.param
     if io_method == "io_uring":
-        why = _io_uring_refusal()
+        why = io_uring_probe.refusal()
         if why:
             pytest.skip(f"io_method=io_uring: this kernel refuses io_uring_setup ({why})")
     c = Cluster(f"aio-{io_method}-{int(checksums)}")
