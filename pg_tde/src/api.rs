@@ -519,7 +519,7 @@ fn set_key_using_global_key_provider(key_name: Option<&str>, provider_name: Opti
 fn set_server_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
     require_key_admin("set the server key");
     let (principal, key) = fetch_key_for_set(key_name, provider_name, true);
-    keys::set_database_principal(keys::SERVER_KEY_DB, principal, &key.key).or_raise();
+    keys::set_server_principal(principal, &key.key).or_raise();
 }
 
 #[pg_extern(name = "pg_tde_set_default_key_using_global_key_provider")]

@@ -269,6 +269,47 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
     })
 }
 
+/// Set or rotate the server key.  The WAL keys are wrapped by a WAL
+/// key-encryption key kept in the server key's map (see
+/// `tde_core::walkeys`), so a rotation re-wraps them with the map in one
+/// WAL-logged rewrite, on the primary and on every standby.  A map from before
+/// the key-encryption key gets one first, under the current server key, and the
+/// WAL key records it wrapped are re-wrapped by it.
+pub fn set_server_principal(principal: PrincipalRef, key: &[u8]) -> Result<()> {
+    ensure_key_dir()?;
+    if database_header(SERVER_KEY_DB)?.is_some() {
+        ensure_wal_kek()?;
+        crate::wal::upgrade_legacy_records()?;
+    }
+    set_database_principal(SERVER_KEY_DB, principal, key)?;
+    ensure_wal_kek()
+}
+
+/// Give the server key map its WAL key-encryption key if it has none:
+/// WAL-logged, then stored.
+fn ensure_wal_kek() -> Result<()> {
+    let path = map_path(SERVER_KEY_DB);
+    let (header, entries) = keymap::read(&path)?;
+    if entries.iter().any(tde_core::walkeys::is_kek_entry) {
+        return Ok(());
+    }
+    // Fetched before the lock (a provider may be slow); checked under it.
+    let pk = principal_key(&header.principal)?;
+    with_key_files_lock(|| {
+        let (current, entries) = keymap::read(&path)?;
+        if entries.iter().any(tde_core::walkeys::is_kek_entry) {
+            return Ok(());
+        }
+        current.verify_principal(&pk)?;
+        let entry = tde_core::walkeys::new_kek_entry(SERVER_KEY_DB, &pk)?;
+        rmgr::log_relation_key(SERVER_KEY_DB, &entry)?;
+        crate::gucs::crash_point("wal_kek_after_wal");
+        keymap::put_entry(&path, &entry)?;
+        bump_generation();
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Relation keys
 

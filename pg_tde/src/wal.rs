@@ -23,7 +23,8 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, GucSetting};
 use tde_core::wal::{self, HEADER_PREFIX};
-use tde_core::walkeys::{self, KeyRanges, WalKey};
+use tde_core::keymap;
+use tde_core::walkeys::{self, KeyRanges, WalKey, Wrapping};
 use tde_core::{Result, TdeError};
 
 use crate::errors;
@@ -87,12 +88,36 @@ pub fn init() {
     }
 }
 
-fn server_key() -> Result<zeroize::Zeroizing<Vec<u8>>> {
-    let header = keys::database_header(keys::SERVER_KEY_DB)?
-        .ok_or_else(|| TdeError::NotFound("no server key is set: WAL keys cannot be unwrapped".into()))?;
+/// What unwraps the WAL key records: the server key (checked against its
+/// key map) and the WAL key-encryption key the map holds.
+fn wal_wrapping() -> Result<Wrapping> {
+    let (header, entries) = match keymap::read(&keys::map_path(keys::SERVER_KEY_DB)) {
+        Ok(m) => m,
+        Err(TdeError::NotFound(_)) => {
+            return Err(TdeError::NotFound("no server key is set: WAL keys cannot be unwrapped".into()))
+        }
+        Err(e) => return Err(e),
+    };
     let key = keys::principal_key(&header.principal)?;
-    header.verify_principal(&key)?;
-    Ok(key)
+    Wrapping::from_server_map(keys::SERVER_KEY_DB, &header, &entries, key)
+}
+
+/// Re-wrap the WAL key records still wrapped by the server key itself with the
+/// WAL key-encryption key, before the server key is rotated.  Holds the WAL
+/// key lock, so no server process appends meanwhile.
+pub fn upgrade_legacy_records() -> Result<()> {
+    let path = wal_keys_path();
+    if !path.exists() {
+        return Ok(());
+    }
+    let wrapping = wal_wrapping()?;
+    let mut shared = WAL_SHARED.exclusive();
+    if walkeys::upgrade_records(&path, &wrapping)? {
+        shared.generation += 1;
+    }
+    drop(shared);
+    crate::gucs::crash_point("wal_kek_converted");
+    Ok(())
 }
 
 thread_local! {
@@ -116,7 +141,7 @@ fn key_ranges(with_file_len: bool) -> Result<KeyRanges> {
         }
         let path = wal_keys_path();
         let ranges = if path.exists() {
-            KeyRanges::from_keys(&walkeys::read_all(&path, &server_key()?)?)?
+            KeyRanges::from_keys(&walkeys::read_all(&path, &wal_wrapping()?)?)?
         } else {
             KeyRanges::default()
         };
@@ -164,7 +189,7 @@ fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startp
     // (Computed before taking the lock: it reads the key ranges, which share it.
     // Each role writes from one process at a time, so nothing races us here.)
     let start = if role == 1 { startptr } else { first_new_byte(fd, buf, offset, startptr) };
-    let sk = server_key()?;
+    let wrapping = wal_wrapping()?;
     let mut shared = WAL_SHARED.exclusive();
     if shared.slots[role].valid {
         return Ok(shared.slots[role]);
@@ -172,15 +197,14 @@ fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startp
     let created =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (key, base) = if on {
-        let len = if crate::gucs::cipher().principal_key_len() == 32 { 32 } else { 16 };
-        wal::generate_key(len)?
+        wal::generate_key(wrapping.wal_key_len())?
     } else {
         (zeroize::Zeroizing::new(Vec::new()), [0u8; 16])
     };
     walkeys::append(
         &wal_keys_path(),
-        &sk,
-        &WalKey { start_lsn: start, end_lsn: u64::MAX, created_unix_secs: created, key, base },
+        &wrapping,
+        &WalKey { start_lsn: start, end_lsn: u64::MAX, timeline: 0, created_unix_secs: created, key, base },
     )?;
     shared.generation += 1;
     shared.slots[role] = WalSlot { valid: true, null: !on, start };

@@ -9,8 +9,9 @@ headers stay plaintext; a page whose body is AES-CTR encrypted carries the
 flag 0x0100 in `xlp_info` (outside PostgreSQL's XLP_ALL_FLAGS).  Every writer
 role (XLogWrite path, WAL receiver) takes a new WAL key on its first write
 after a start, a crash restart or a promotion, and appends it, wrapped by the
-server key, to `$PGDATA/pg_tde/wal_keys` as a 256-byte record (bytes 0..8
-magic, 8..16 start LSN, 32..36 wrapped length, 36.. wrapped key).
+WAL key-encryption key of the server key's map, to `$PGDATA/pg_tde/wal_keys`
+as a 256-byte record (bytes 0..8 magic, 8..16 start LSN, 32..36 wrapped
+length, 36..40 timeline, 40.. wrapped key).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ XLOG_PAGE_MAGIC = {17: 0xD116, 18: 0xD118}[pg_major()]
 XLP_LONG_HEADER = 0x0002
 XLP_TDE_ENCRYPTED = 0x0100
 KEY_RECORD = 256
-KEY_MAGIC = b"PGTDEWK\x01"
+KEY_MAGIC = b"PGTDEWK\x02"  # wrapped by the WAL key-encryption key
 TIMEOUT = 180  # the machine is small and shared
 
 
@@ -115,7 +116,7 @@ def rec_start_lsn(rec: bytes) -> int:
 
 def rec_wrapped(rec: bytes) -> bytes:
     n = struct.unpack_from("<I", rec, 32)[0]
-    return rec[36:36 + n]
+    return rec[40:40 + n]
 
 
 def lsn_int(text: str) -> int:

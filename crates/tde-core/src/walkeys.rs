@@ -1,32 +1,129 @@
 //! The WAL key file `$PGDATA/pg_tde/wal_keys`: every WAL key this cluster has
-//! used, in creation order, each wrapped (AES-GCM) by the server key.
+//! used, in creation order, each wrapped (AES-GCM).
 //!
 //! The key for a WAL page at LSN `l` is the last-created key whose range
 //! `[start_lsn, end_lsn)` holds `l`: a server process's key starts at the first
 //! page it writes after it was created and is open-ended (everything written
 //! afterwards at or beyond that LSN uses it); a key for re-encrypting one
-//! restored segment covers just that segment.  Records are fixed-size (256 bytes, CRC32C-protected) and only ever
-//! appended (pwrite + fsync), so a torn append is detected and ignored.
+//! restored segment covers just that segment.  Records are fixed-size (256
+//! bytes, CRC32C-protected) and only ever appended (pwrite + fsync), so a torn
+//! append is detected and ignored.
+//!
+//! # Wrapping
+//!
+//! Records with magic `PGTDEWK\x02` are wrapped by the *WAL key-encryption
+//! key*, a random AES-256 key kept as the entry ([`WAL_KEK_SPC`],
+//! [`WAL_KEK_REL`]) of the server key's key map, wrapped there by the server
+//! key.  Rotating the server key re-wraps that entry with the rest of the map
+//! (one WAL-logged map rewrite), and every WAL key stays readable, on the
+//! primary and on standbys, whose own WAL keys are wrapped by the same
+//! replicated key-encryption key.  Records with magic `PGTDEWK\x01` were
+//! written before the key-encryption key existed and are wrapped by the server
+//! key itself; [`upgrade_records`] re-wraps them before a rotation.
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic |
+//! | 8 | 8 | start LSN |
+//! | 16 | 8 | creation time, Unix seconds |
+//! | 24 | 8 | end LSN (exclusive), `u64::MAX` when open-ended |
+//! | 32 | 4 | wrapped length (0: null key, WAL in its range is plaintext) |
+//! | 36 | 4 | v2: timeline of the segment files the key is for, 0 = any |
+//! | 36 (v1), 40 (v2) | .. | wrapped key material and counter base |
+//! | 252 | 4 | CRC-32C of bytes 0..252 |
+//!
+//! Writers (server processes, `pg_tde_restore_encrypt`) hold an exclusive
+//! `flock` on the `pg_tde` directory while they append or rewrite the file.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use zeroize::Zeroizing;
 
+use crate::cipher::{Cipher, RelKey};
 use crate::error::{Result, TdeError};
-use crate::wrap;
+use crate::keymap::{KeyMapEntry, KeyMapHeader};
+use crate::{fsutil, wrap};
 
-const MAGIC: &[u8; 8] = b"PGTDEWK\x01";
+const MAGIC_V1: &[u8; 8] = b"PGTDEWK\x01";
+const MAGIC_V2: &[u8; 8] = b"PGTDEWK\x02";
 pub const RECORD_SIZE: usize = 256;
-const AAD: &[u8] = b"pg_tde wal key";
+const AAD_V1: &[u8] = b"pg_tde wal key";
+const AAD_V2: &[u8] = b"pg_tde wal key v2";
+const WRAPPED_V1: usize = 36;
+const WRAPPED_V2: usize = 40;
+const CRC_AT: usize = RECORD_SIZE - 4;
+
+/// Tablespace and relation number of the WAL key-encryption key's entry in the
+/// server key map (no relation file has relation number 0).
+pub const WAL_KEK_SPC: u32 = 0;
+pub const WAL_KEK_REL: u32 = 0;
+/// The cipher the key-encryption key is stored as: its 32 key bytes are the
+/// AES-256-GCM key that wraps WAL key records.
+const WAL_KEK_CIPHER: Cipher = Cipher::Aes256Cbc;
+
+/// A new WAL key-encryption key, sealed for the server key map `db_oid`.
+pub fn new_kek_entry(db_oid: u32, server_key: &[u8]) -> Result<KeyMapEntry> {
+    KeyMapEntry::seal(db_oid, WAL_KEK_SPC, WAL_KEK_REL, &RelKey::generate(WAL_KEK_CIPHER)?, server_key)
+}
+
+/// Whether a key-map entry is the WAL key-encryption key.
+pub fn is_kek_entry(e: &KeyMapEntry) -> bool {
+    e.spc_oid == WAL_KEK_SPC && e.rel_number == WAL_KEK_REL
+}
+
+/// The keys that unwrap WAL key records.
+pub struct Wrapping {
+    /// The WAL key-encryption key, once the server key map has one.
+    kek: Option<Zeroizing<Vec<u8>>>,
+    /// The server key: unwraps records written before the key-encryption key.
+    server_key: Zeroizing<Vec<u8>>,
+}
+
+impl Wrapping {
+    /// From the server key map (`db_oid`, header and entries) and the server
+    /// key, which is checked against the map before use.
+    pub fn from_server_map(
+        db_oid: u32,
+        header: &KeyMapHeader,
+        entries: &[KeyMapEntry],
+        server_key: Zeroizing<Vec<u8>>,
+    ) -> Result<Wrapping> {
+        header.verify_principal(&server_key)?;
+        let kek = match entries.iter().find(|e| is_kek_entry(e)) {
+            Some(e) => {
+                let bytes = e.open(db_oid, &server_key)?.to_bytes();
+                Some(Zeroizing::new(bytes[..WAL_KEK_CIPHER.key_len()].to_vec()))
+            }
+            None => None,
+        };
+        Ok(Wrapping { kek, server_key })
+    }
+
+    /// Length of new WAL keys: that of the server key (AES-128 or AES-256).
+    pub fn wal_key_len(&self) -> usize {
+        if self.server_key.len() >= 32 {
+            32
+        } else {
+            16
+        }
+    }
+
+    pub fn has_kek(&self) -> bool {
+        self.kek.is_some()
+    }
+}
 
 /// One WAL key, unwrapped.
 pub struct WalKey {
     pub start_lsn: u64,
     /// End of the key's range (exclusive); `u64::MAX` for an open-ended key.
     pub end_lsn: u64,
+    /// Timeline of the segment files the key encrypts; 0: any (records
+    /// written before keys were bound to a timeline).
+    pub timeline: u32,
     pub created_unix_secs: i64,
     pub key: Zeroizing<Vec<u8>>,
     pub base: [u8; 16],
@@ -34,39 +131,86 @@ pub struct WalKey {
 
 impl std::fmt::Debug for WalKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WalKey").field("start_lsn", &self.start_lsn).field("key_len", &self.key.len()).finish()
+        f.debug_struct("WalKey")
+            .field("start_lsn", &self.start_lsn)
+            .field("timeline", &self.timeline)
+            .field("key_len", &self.key.len())
+            .finish()
     }
 }
 
-fn aad(start_lsn: u64, end_lsn: u64) -> Vec<u8> {
-    let mut a = AAD.to_vec();
+fn aad_v1(start_lsn: u64, end_lsn: u64) -> Vec<u8> {
+    let mut a = AAD_V1.to_vec();
     a.extend_from_slice(&start_lsn.to_le_bytes());
     a.extend_from_slice(&end_lsn.to_le_bytes());
     a
 }
 
-/// Append a key (wrapped by `server_key`) to the file, creating it if needed.
-/// A key with empty material is a *null key*: WAL in its range is plaintext.
-pub fn append(path: &Path, server_key: &[u8], key: &WalKey) -> Result<()> {
-    let wrapped = if key.key.is_empty() {
-        Vec::new()
-    } else {
-        let mut plain = Zeroizing::new(key.key.to_vec());
-        plain.extend_from_slice(&key.base);
-        wrap::wrap(server_key, &aad(key.start_lsn, key.end_lsn), &plain)?
-    };
+fn aad_v2(start_lsn: u64, end_lsn: u64, timeline: u32) -> Vec<u8> {
+    let mut a = AAD_V2.to_vec();
+    a.extend_from_slice(&start_lsn.to_le_bytes());
+    a.extend_from_slice(&end_lsn.to_le_bytes());
+    a.extend_from_slice(&timeline.to_le_bytes());
+    a
+}
+
+/// The record of `key`: v2 when `wrapping` has a key-encryption key.
+fn encode(wrapping: &Wrapping, key: &WalKey) -> Result<[u8; RECORD_SIZE]> {
     let mut rec = [0u8; RECORD_SIZE];
-    rec[0..8].copy_from_slice(MAGIC);
+    let (magic, at, wrapped) = match &wrapping.kek {
+        Some(kek) => {
+            let w = if key.key.is_empty() {
+                Vec::new()
+            } else {
+                let mut plain = Zeroizing::new(key.key.to_vec());
+                plain.extend_from_slice(&key.base);
+                wrap::wrap(kek, &aad_v2(key.start_lsn, key.end_lsn, key.timeline), &plain)?
+            };
+            rec[36..40].copy_from_slice(&key.timeline.to_le_bytes());
+            (MAGIC_V2, WRAPPED_V2, w)
+        }
+        None => {
+            if key.timeline != 0 {
+                return Err(TdeError::Invalid("a WAL key bound to a timeline needs the key-encryption key".into()));
+            }
+            let w = if key.key.is_empty() {
+                Vec::new()
+            } else {
+                let mut plain = Zeroizing::new(key.key.to_vec());
+                plain.extend_from_slice(&key.base);
+                wrap::wrap(&wrapping.server_key, &aad_v1(key.start_lsn, key.end_lsn), &plain)?
+            };
+            (MAGIC_V1, WRAPPED_V1, w)
+        }
+    };
+    if wrapped.len() > CRC_AT - at {
+        return Err(TdeError::Invalid("WAL key too long".into()));
+    }
+    rec[0..8].copy_from_slice(magic);
     rec[8..16].copy_from_slice(&key.start_lsn.to_le_bytes());
     rec[16..24].copy_from_slice(&key.created_unix_secs.to_le_bytes());
     rec[24..32].copy_from_slice(&key.end_lsn.to_le_bytes());
     rec[32..36].copy_from_slice(&(wrapped.len() as u32).to_le_bytes());
-    if wrapped.len() > RECORD_SIZE - 40 {
-        return Err(TdeError::Invalid("WAL key too long".into()));
-    }
-    rec[36..36 + wrapped.len()].copy_from_slice(&wrapped);
-    let crc = crc32c::crc32c(&rec[..RECORD_SIZE - 4]);
-    rec[RECORD_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+    rec[at..at + wrapped.len()].copy_from_slice(&wrapped);
+    let crc = crc32c::crc32c(&rec[..CRC_AT]);
+    rec[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+    Ok(rec)
+}
+
+/// An exclusive `flock` of the directory that holds the WAL key file, which
+/// every writer of the file takes (released when dropped).
+fn lock_dir(path: &Path) -> Result<File> {
+    let dir = fsutil::parent_dir(path);
+    let f = File::open(dir).map_err(|e| TdeError::io(format!("could not open directory \"{}\"", dir.display()), e))?;
+    f.lock().map_err(|e| TdeError::io(format!("could not lock directory \"{}\"", dir.display()), e))?;
+    Ok(f)
+}
+
+/// Append a key to the file, creating it if needed.  A key with empty
+/// material is a *null key*: WAL in its range is plaintext.
+pub fn append(path: &Path, wrapping: &Wrapping, key: &WalKey) -> Result<()> {
+    let rec = encode(wrapping, key)?;
+    let _lock = lock_dir(path)?;
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
@@ -82,50 +226,99 @@ pub fn append(path: &Path, server_key: &[u8], key: &WalKey) -> Result<()> {
         .and_then(|_| f.sync_all())
         .map_err(|e| TdeError::io(format!("could not write WAL key file \"{}\"", path.display()), e))?;
     if len == 0 {
-        if let Some(dir) = path.parent() {
-            crate::fsutil::fsync_dir(dir)?;
-        }
+        fsutil::fsync_dir(fsutil::parent_dir(path))?;
     }
     Ok(())
+}
+
+/// Re-wrap every v1 record (wrapped by the server key) with the key-encryption
+/// key, in one atomic replacement of the file; damaged and torn records, never
+/// used, are dropped.  Returns whether the file changed.  Run before the
+/// server key is rotated, while `wrapping` holds the current server key.
+pub fn upgrade_records(path: &Path, wrapping: &Wrapping) -> Result<bool> {
+    if wrapping.kek.is_none() {
+        return Err(TdeError::Invalid("the server key map has no WAL key-encryption key".into()));
+    }
+    let _lock = lock_dir(path)?;
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(TdeError::io(format!("could not read WAL key file \"{}\"", path.display()), e)),
+    };
+    if !data.chunks_exact(RECORD_SIZE).any(|r| &r[0..8] == MAGIC_V1) {
+        return Ok(false);
+    }
+    let keys = parse(path, &data, wrapping)?;
+    let mut out = Vec::with_capacity(keys.len() * RECORD_SIZE);
+    for k in &keys {
+        out.extend_from_slice(&encode(wrapping, k)?);
+    }
+    fsutil::replace_atomic(path, &out, 0o600)?;
+    Ok(true)
 }
 
 /// All keys, in creation order.  Missing file: no keys.  Damaged or torn
 /// records are skipped (they were never used: a key is used only after its
 /// record was fsynced).
-pub fn read_all(path: &Path, server_key: &[u8]) -> Result<Vec<WalKey>> {
-    let data = match std::fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TdeError::io(format!("could not read WAL key file \"{}\"", path.display()), e)),
-    };
+pub fn read_all(path: &Path, wrapping: &Wrapping) -> Result<Vec<WalKey>> {
+    match std::fs::read(path) {
+        Ok(d) => parse(path, &d, wrapping),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(TdeError::io(format!("could not read WAL key file \"{}\"", path.display()), e)),
+    }
+}
+
+fn parse(path: &Path, data: &[u8], wrapping: &Wrapping) -> Result<Vec<WalKey>> {
     let mut keys = Vec::new();
     for rec in data.chunks_exact(RECORD_SIZE) {
-        if &rec[0..8] != MAGIC {
+        let v2 = match &rec[0..8] {
+            m if m == MAGIC_V1 => false,
+            m if m == MAGIC_V2 => true,
+            _ => continue,
+        };
+        let crc = u32::from_le_bytes(rec[CRC_AT..].try_into().unwrap_or_default());
+        if crc != crc32c::crc32c(&rec[..CRC_AT]) {
             continue;
         }
-        let crc = u32::from_le_bytes(rec[RECORD_SIZE - 4..].try_into().unwrap_or_default());
-        if crc != crc32c::crc32c(&rec[..RECORD_SIZE - 4]) {
-            continue;
-        }
-        let start_lsn = u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default());
-        let created_unix_secs = i64::from_le_bytes(rec[16..24].try_into().unwrap_or_default());
-        let end_lsn = u64::from_le_bytes(rec[24..32].try_into().unwrap_or_default());
+        let u64_at = |i: usize| u64::from_le_bytes(rec[i..i + 8].try_into().unwrap_or_default());
+        let start_lsn = u64_at(8);
+        let created_unix_secs = u64_at(16) as i64;
+        let end_lsn = u64_at(24);
         let len = u32::from_le_bytes(rec[32..36].try_into().unwrap_or_default()) as usize;
-        if len > RECORD_SIZE - 40 {
+        let (at, timeline) =
+            if v2 { (WRAPPED_V2, u32::from_le_bytes(rec[36..40].try_into().unwrap_or_default())) } else { (WRAPPED_V1, 0) };
+        if len > CRC_AT - at {
             continue;
         }
-        if len == 0 {
-            keys.push(WalKey { start_lsn, end_lsn, created_unix_secs, key: Zeroizing::new(Vec::new()), base: [0; 16] });
-            continue;
+        let mut key = WalKey {
+            start_lsn,
+            end_lsn,
+            timeline,
+            created_unix_secs,
+            key: Zeroizing::new(Vec::new()),
+            base: [0; 16],
+        };
+        if len > 0 {
+            let wrapped = &rec[at..at + len];
+            let plain = if v2 {
+                let kek = wrapping.kek.as_ref().ok_or_else(|| {
+                    TdeError::Corrupt(format!(
+                        "WAL key file \"{}\" needs the WAL key-encryption key, which the server key map does not have",
+                        path.display()
+                    ))
+                })?;
+                wrap::unwrap(kek, &aad_v2(start_lsn, end_lsn, timeline), wrapped)?
+            } else {
+                wrap::unwrap(&wrapping.server_key, &aad_v1(start_lsn, end_lsn), wrapped)?
+            };
+            if plain.len() != 32 && plain.len() != 48 {
+                return Err(TdeError::Corrupt(format!("WAL key file \"{}\": bad key length", path.display())));
+            }
+            let klen = plain.len() - 16;
+            key.base.copy_from_slice(&plain[klen..]);
+            key.key = Zeroizing::new(plain[..klen].to_vec());
         }
-        let plain = wrap::unwrap(server_key, &aad(start_lsn, end_lsn), &rec[36..36 + len])?;
-        if plain.len() != 32 && plain.len() != 48 {
-            return Err(TdeError::Corrupt(format!("WAL key file \"{}\": bad key length", path.display())));
-        }
-        let klen = plain.len() - 16;
-        let mut base = [0u8; 16];
-        base.copy_from_slice(&plain[klen..]);
-        keys.push(WalKey { start_lsn, end_lsn, created_unix_secs, key: Zeroizing::new(plain[..klen].to_vec()), base });
+        keys.push(key);
     }
     Ok(keys)
 }
@@ -204,6 +397,7 @@ mod tests {
         WalKey {
             start_lsn: start,
             end_lsn: u64::MAX,
+            timeline: 0,
             created_unix_secs: 1,
             key: Zeroizing::new(vec![b; 16]),
             base: [b; 16],
@@ -214,7 +408,7 @@ mod tests {
     fn append_read_and_select() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal_keys");
-        let sk = [7u8; 32];
+        let sk = Wrapping { kek: None, server_key: Zeroizing::new(vec![7u8; 32]) };
         assert!(read_all(&path, &sk).unwrap().is_empty());
         append(&path, &sk, &key(1000, 1)).unwrap();
         append(&path, &sk, &key(5000, 2)).unwrap();
@@ -227,7 +421,7 @@ mod tests {
         assert_eq!(key_index_for(&keys, 9000), Some(2));
         assert_eq!(*keys[1].key, vec![2u8; 16]);
         // wrong server key: refused
-        assert!(matches!(read_all(&path, &[8u8; 32]), Err(TdeError::Decrypt(_))));
+        assert!(matches!(read_all(&path, &Wrapping { kek: None, server_key: Zeroizing::new(vec![8u8; 32]) }), Err(TdeError::Decrypt(_))));
         // a torn append is skipped, and the next append stays aligned
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[1, 2, 3]).unwrap();
@@ -252,5 +446,47 @@ mod tests {
         assert!(k.is_some());
         assert_eq!(next, 9000);
         assert_eq!(ranges.lookup(1600).1, 2000);
+    }
+
+    #[test]
+    fn kek_records_survive_a_server_key_rotation() {
+        use crate::keymap::{KeyMapHeader, PrincipalRef};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal_keys");
+        let db = u32::MAX - 2;
+        let principal = |n: &str| PrincipalRef { name: n.into(), provider_id: 1, created_unix_secs: 1 };
+        let old_sk = Zeroizing::new(vec![1u8; 32]);
+        let header = KeyMapHeader::new(db, principal("a"), &old_sk).unwrap();
+        // legacy records, wrapped by the server key
+        let legacy = Wrapping::from_server_map(db, &header, &[], old_sk.clone()).unwrap();
+        assert!(!legacy.has_kek());
+        append(&path, &legacy, &key(100, 1)).unwrap();
+        assert!(append(&path, &legacy, &WalKey { timeline: 2, ..key(200, 2) }).is_err());
+        // the key-encryption key is added and the records upgraded
+        let kek = new_kek_entry(db, &old_sk).unwrap();
+        let with_kek = Wrapping::from_server_map(db, &header, std::slice::from_ref(&kek), old_sk.clone()).unwrap();
+        assert!(upgrade_records(&path, &with_kek).unwrap());
+        assert!(!upgrade_records(&path, &with_kek).unwrap());
+        append(&path, &with_kek, &WalKey { timeline: 2, ..key(200, 2) }).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data.chunks(RECORD_SIZE).all(|r| &r[..8] == MAGIC_V2));
+        // rotation: the map entry is re-wrapped; the file is untouched
+        let new_sk = Zeroizing::new(vec![9u8; 32]);
+        let new_header = KeyMapHeader::new(db, principal("b"), &new_sk).unwrap();
+        let rewrapped = KeyMapEntry::seal(db, 0, 0, &kek.open(db, &old_sk).unwrap(), &new_sk).unwrap();
+        let after = Wrapping::from_server_map(db, &new_header, &[rewrapped], new_sk.clone()).unwrap();
+        let keys = read_all(&path, &after).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(*keys[0].key, vec![1u8; 16]);
+        assert_eq!((keys[1].start_lsn, keys[1].timeline), (200, 2));
+        // a server key that does not match the map is refused before use
+        assert!(Wrapping::from_server_map(db, &new_header, &[], old_sk).is_err());
+        // a record whose timeline was altered fails to unwrap
+        let mut data = std::fs::read(&path).unwrap();
+        data[RECORD_SIZE + 36] = 3;
+        let crc = crc32c::crc32c(&data[RECORD_SIZE..RECORD_SIZE + CRC_AT]);
+        data[RECORD_SIZE + CRC_AT..2 * RECORD_SIZE].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &data).unwrap();
+        assert!(matches!(read_all(&path, &after), Err(TdeError::Decrypt(_))));
     }
 }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use tde_core::keymap;
 use tde_core::providers_catalog::{open_provider, ProviderCatalog};
 use tde_core::wal::{self, WalCipher, HEADER_PREFIX};
-use tde_core::walkeys::{self, KeyRanges, WalKey};
-use zeroize::Zeroizing;
+use tde_core::walkeys::{self, KeyRanges, WalKey, Wrapping};
 
 /// WAL segment size assumed when a segment file's size does not tell.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 16 * 1024 * 1024;
@@ -20,10 +19,13 @@ pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
     arg.or_else(|| std::env::var_os("PGDATA").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The server key of a data directory, fetched from its provider.
-pub fn server_key(datadir: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+/// What unwraps a data directory's WAL keys: its server key, fetched from
+/// its provider and checked against the server key map, and the WAL
+/// key-encryption key that the map holds.
+pub fn wal_wrapping(datadir: &Path) -> Result<Wrapping, String> {
     let tde = datadir.join("pg_tde");
-    let (header, _) = keymap::read(&tde.join("server_key")).map_err(|e| format!("no usable server key: {e}"))?;
+    let (header, entries) =
+        keymap::read(&tde.join("server_key")).map_err(|e| format!("no usable server key: {e}"))?;
     let catalog = ProviderCatalog::load(&tde.join("providers.json")).map_err(|e| e.to_string())?;
     let rec = catalog
         .by_id(header.principal.provider_id)
@@ -35,8 +37,11 @@ pub fn server_key(datadir: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
     header
         .verify_principal(&key.key)
         .map_err(|_| "the server key in the provider differs from the key in use".to_string())?;
-    Ok(key.key)
+    Wrapping::from_server_map(SERVER_KEY_DB, &header, &entries, key.key).map_err(|e| e.to_string())
 }
+
+/// Pseudo database OID of the server key map (as the extension stores it).
+const SERVER_KEY_DB: u32 = u32::MAX - 2;
 
 /// The WAL keys of a data directory.
 pub struct WalKeyring {
@@ -44,8 +49,8 @@ pub struct WalKeyring {
 }
 
 impl WalKeyring {
-    pub fn load(datadir: &Path, server_key: &[u8]) -> Result<Self, String> {
-        let keys = walkeys::read_all(&datadir.join("pg_tde/wal_keys"), server_key).map_err(|e| e.to_string())?;
+    pub fn load(datadir: &Path, wrapping: &Wrapping) -> Result<Self, String> {
+        let keys = walkeys::read_all(&datadir.join("pg_tde/wal_keys"), wrapping).map_err(|e| e.to_string())?;
         Ok(WalKeyring { ranges: KeyRanges::from_keys(&keys).map_err(|e| e.to_string())? })
     }
 }
@@ -78,12 +83,12 @@ pub fn encrypt_segment(
     segno: u64,
     seg_size: u64,
     datadir: &Path,
-    server_key: &[u8],
+    wrapping: &Wrapping,
 ) -> Result<(), String> {
     let start = segno * seg_size;
-    let (key, base) = wal::generate_key(if server_key.len() >= 32 { 32 } else { 16 }).map_err(|e| e.to_string())?;
-    let record = WalKey { start_lsn: start, end_lsn: start + seg_size, created_unix_secs: now(), key, base };
-    walkeys::append(&datadir.join("pg_tde/wal_keys"), server_key, &record).map_err(|e| e.to_string())?;
+    let (key, base) = wal::generate_key(wrapping.wal_key_len()).map_err(|e| e.to_string())?;
+    let record = WalKey { start_lsn: start, end_lsn: start + seg_size, timeline: 0, created_unix_secs: now(), key, base };
+    walkeys::append(&datadir.join("pg_tde/wal_keys"), wrapping, &record).map_err(|e| e.to_string())?;
     let mut ranges = KeyRanges::default();
     ranges.push(
         start,

@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 
 use tde_tools::{
-    decrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, server_key, wrapper_args, WalKeyring,
+    decrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, wal_wrapping, wrapper_args, WalKeyring,
 };
 
 fn run(argv: &[String]) -> Result<(), String> {
@@ -24,7 +24,7 @@ fn run(argv: &[String]) -> Result<(), String> {
     // Only segments carry WAL pages; history and backup-label files are copied as they are.
     let seg_size = segment_size_of(data.len() as u64);
     if let Ok((_, segno)) = parse_segment_name(fname, seg_size) {
-        let sk = server_key(&datadir)?;
+        let sk = wal_wrapping(&datadir)?;
         let keys = WalKeyring::load(&datadir, &sk)?;
         decrypt_segment(&mut data, segno, seg_size, &keys)?;
     }

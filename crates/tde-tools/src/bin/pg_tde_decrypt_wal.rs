@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tde_tools::{data_dir, decrypt_segment, exit_with, parse_segment_name, segment_size_of, server_key, WalKeyring};
+use tde_tools::{data_dir, decrypt_segment, exit_with, parse_segment_name, segment_size_of, wal_wrapping, WalKeyring};
 
 fn run(argv: &[String]) -> Result<(), String> {
     let mut datadir = None;
@@ -30,7 +30,7 @@ fn run(argv: &[String]) -> Result<(), String> {
         return Err("no segment files given".into());
     }
     let datadir = data_dir(datadir);
-    let sk = server_key(&datadir)?;
+    let sk = wal_wrapping(&datadir)?;
     let keys = WalKeyring::load(&datadir, &sk)?;
     std::fs::create_dir_all(&out).map_err(|e| format!("cannot create \"{}\": {e}", out.display()))?;
     for f in files {
