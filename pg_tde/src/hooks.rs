@@ -103,6 +103,13 @@ unsafe extern "C-unwind" fn tde_object_access(
             prev(access, class_id, object_id, sub_id, arg);
         }
     }
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && class_id == pg_sys::DatabaseRelationId {
+        // The OID was just given to a new database, before anything is copied
+        // into it: a key map under that OID is a dropped database's, left by a
+        // crash between the drop and the removal of its map.
+        keys::remove_stale_map(object_id.to_u32()).or_raise();
+        return;
+    }
     if access != pg_sys::ObjectAccessType::OAT_POST_CREATE || class_id != pg_sys::RelationRelationId || sub_id != 0 {
         return;
     }
@@ -298,6 +305,106 @@ unsafe fn refuse_decrypting_under_enforcement(stmt: *mut pg_sys::Node) {
     }
 }
 
+/// The string value of option `name` of a CREATE/ALTER DATABASE statement.
+///
+/// # Safety
+/// `options` must be NULL or a valid List of DefElem.
+unsafe fn db_option(options: *mut pg_sys::List, name: &str) -> Option<String> {
+    if options.is_null() {
+        return None;
+    }
+    // SAFETY: per the contract every element is a DefElem; defGetString reads
+    // its argument (and raises an ERROR, through pgrx's guard, for a bad one).
+    unsafe {
+        for i in 0..(*options).length {
+            let def = (*(*options).elements.add(i as usize)).ptr_value as *mut pg_sys::DefElem;
+            if std::ffi::CStr::from_ptr((*def).defname).to_bytes() == name.as_bytes() && !(*def).arg.is_null() {
+                return Some(std::ffi::CStr::from_ptr(pg_sys::defGetString(def)).to_string_lossy().into_owned());
+            }
+        }
+    }
+    None
+}
+
+/// The OID of a database by name, if it exists.
+fn database_oid(name: *const c_char) -> Option<pg_sys::Oid> {
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: name is a NUL-terminated string of the statement.
+    let oid = unsafe { pg_sys::get_database_oid(name, true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// The default tablespace of a database.
+fn database_tablespace(db: pg_sys::Oid) -> Option<u32> {
+    // SAFETY: a syscache lookup; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as _, pg_sys::Datum::from(db));
+        if tuple.is_null() {
+            return None;
+        }
+        let form = (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize)
+            as *const pg_sys::FormData_pg_database;
+        let spc = (*form).dattablespace.to_u32();
+        pg_sys::ReleaseSysCache(tuple);
+        Some(spc)
+    }
+}
+
+/// Refuse the commands that copy a database's files byte for byte under a new
+/// identity, where no key entry exists for them: the copies of encrypted
+/// files could not be read, and pages written to them later would go to disk
+/// in plaintext.  Checked before anything is changed.
+///
+/// # Safety
+/// `stmt` must be NULL or a valid parse node.
+unsafe fn refuse_byte_copies_of_encrypted_files(stmt: *mut pg_sys::Node) {
+    if stmt.is_null() {
+        return;
+    }
+    // SAFETY: the node tag is checked before each cast.
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreatedbStmt => {
+                let c = stmt as *mut pg_sys::CreatedbStmt;
+                let file_copy =
+                    db_option((*c).options, "strategy").is_some_and(|s| s.eq_ignore_ascii_case("file_copy"));
+                if !file_copy {
+                    return;
+                }
+                let template = db_option((*c).options, "template").unwrap_or_else(|| "template1".into());
+                let Ok(cname) = std::ffi::CString::new(template.clone()) else { return };
+                let Some(src) = database_oid(cname.as_ptr()) else { return };
+                if keys::relation_key_count(src.to_u32()).or_raise() > 0 {
+                    crate::errors::raise_with(
+                        pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        &format!("cannot copy database \"{template}\" with STRATEGY FILE_COPY: it has encrypted relations"),
+                        Some("Use STRATEGY WAL_LOG (the default), which gives every copied encrypted file a key of its own."),
+                    );
+                }
+            }
+            pg_sys::NodeTag::T_AlterDatabaseStmt => {
+                let a = stmt as *mut pg_sys::AlterDatabaseStmt;
+                if db_option((*a).options, "tablespace").is_none() {
+                    return;
+                }
+                let Some(db) = database_oid((*a).dbname) else { return };
+                let Some(spc) = database_tablespace(db) else { return };
+                if keys::relation_key_count_in(db.to_u32(), spc).or_raise() > 0 {
+                    let name = std::ffi::CStr::from_ptr((*a).dbname).to_string_lossy();
+                    crate::errors::raise_with(
+                        pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                        &format!("cannot move database \"{name}\" to another tablespace: it has encrypted relations in its default tablespace"),
+                        Some("Move its encrypted tables and indexes with ALTER TABLE ... SET TABLESPACE and ALTER INDEX ... SET TABLESPACE, which give the moved files keys of their own."),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn tde_process_utility(
@@ -313,7 +420,20 @@ unsafe extern "C-unwind" fn tde_process_utility(
     // SAFETY: pstmt is the statement being executed.
     let stmt = unsafe { (*pstmt).utilityStmt };
     // SAFETY: stmt is NULL or a valid parse node.
-    unsafe { refuse_decrypting_under_enforcement(stmt) };
+    unsafe {
+        refuse_decrypting_under_enforcement(stmt);
+        refuse_byte_copies_of_encrypted_files(stmt);
+    }
+    // DROP DATABASE: the dropped database's key map goes with it (after the
+    // drop, which removes its files and cannot be rolled back).
+    // SAFETY: the node tag is checked before the cast.
+    let dropped_db = unsafe {
+        if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_DropdbStmt {
+            database_oid((*(stmt as *mut pg_sys::DropdbStmt)).dbname)
+        } else {
+            None
+        }
+    };
     // SAFETY: chaining to the previous hook or the standard function.
     unsafe {
         match PREV_PROCESS_UTILITY {
@@ -329,6 +449,10 @@ unsafe extern "C-unwind" fn tde_process_utility(
                 qc,
             ),
         }
+    }
+    // Reached only when the drop succeeded (a failure raises an ERROR).
+    if let Some(db) = dropped_db {
+        keys::remove_stale_map(db.to_u32()).or_raise();
     }
     if stmt.is_null() {
         return;

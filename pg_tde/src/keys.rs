@@ -540,6 +540,26 @@ fn remove_map_file(db_oid: u32) -> Result<()> {
     }
 }
 
+/// Remove the key map of a database that no longer exists (dropped), or of
+/// an OID just given to a new database: WAL-logged, and a no-op when there
+/// is none.
+pub fn remove_stale_map(db_oid: u32) -> Result<()> {
+    if !map_path(db_oid).exists() {
+        return Ok(());
+    }
+    remove_map(db_oid)
+}
+
+/// Number of relation keys in a database's key map for files in tablespace `spc`.
+pub fn relation_key_count_in(db_oid: u32, spc: u32) -> Result<usize> {
+    match keymap::read_for_lookup(&map_path(db_oid)) {
+        Ok(v) => Ok(v.entries.iter().filter(|e| e.spc_oid == spc).count()
+            + v.damaged.iter().filter(|d| d.spc_oid == spc || !d.plausible_identity).count()),
+        Err(TdeError::NotFound(_)) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// Number of relation keys in a database's key map.
 pub fn relation_key_count(db_oid: u32) -> Result<usize> {
     match keymap::read_for_lookup(&map_path(db_oid)) {

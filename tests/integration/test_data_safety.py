@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BIN, Cluster, SQLError, setup_encryption
+from cluster import BIN, Cluster, SQLError, chown, setup_encryption
 from test_replication import dboid, digest, make_standby, wait_for_replay
 from test_wal import flush_wal, new_cluster, set_wal_encrypt, wal_files_with
 from test_wal_tools import TOOLS, segments
@@ -135,3 +135,99 @@ def test_rotation_crash_points_keep_wal_readable(clusters, keyring, point):
     before = digest(p, "t")
     p.restart()
     assert digest(p, "t") == before
+
+
+# ---------------------------------------------------------------------------
+# Case 2: databases copied or moved byte for byte; case 3: DROP DATABASE
+
+
+def _keys_file(c: Cluster, oid: str) -> Path:
+    return c.datadir / "pg_tde" / f"{oid}_keys"
+
+
+def _db_pair(clusters, keyring):
+    """A primary with an encrypted table in database `src`, a database
+    `plain` without encrypted relations, an in-place tablespace `ts`, and a
+    streaming standby."""
+    p = new_cluster(clusters, "db-primary", keyring, wal_encrypt=False, extra="allow_in_place_tablespaces = on\n")
+    p.sql("CREATE DATABASE src")
+    p.sql("CREATE DATABASE plain")
+    p.sql("CREATE TABLESPACE ts LOCATION ''")
+    setup_encryption(p, keyring, db="src", key="src-key")
+    fill_enc(p, "t", "MARKER_DBCOPY_z1", db="src")
+    p.sql("CREATE TABLE h (v text); INSERT INTO h SELECT 'plain' || g FROM generate_series(1, 100) g", db="plain")
+    s = make_standby(p)
+    clusters.append(s)
+    return p, s
+
+
+def test_file_copy_and_set_tablespace_are_refused_for_encrypted_databases(clusters, keyring):
+    p, s = _db_pair(clusters, keyring)
+    expected = p.sql("SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t", db="src")
+    src_oid = dboid(p, "src")
+    keys_before = _keys_file(p, src_oid).read_bytes()
+
+    e = p.sql_error("CREATE DATABASE cp TEMPLATE src STRATEGY FILE_COPY")
+    assert e.sqlstate == "0A000", e.output
+    assert "STRATEGY WAL_LOG" in e.output, e.output
+    assert p.sql("SELECT count(*) FROM pg_database WHERE datname = 'cp'") == "0"
+    e = p.sql_error("ALTER DATABASE src SET TABLESPACE ts")
+    assert e.sqlstate == "0A000", e.output
+    assert p.sql("SELECT spcname FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE datname = 'src'") == "pg_default"
+    assert _keys_file(p, src_oid).read_bytes() == keys_before
+
+    # what stays allowed: the default strategy gives the copies keys of their own,
+    # and databases without encrypted relations move and copy as usual
+    p.sql("CREATE DATABASE cp2 TEMPLATE src")
+    p.sql("CREATE DATABASE cp3 TEMPLATE plain STRATEGY FILE_COPY")
+    p.sql("ALTER DATABASE plain SET TABLESPACE ts")
+    for db in ("src", "cp2"):
+        assert p.sql("SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t", db=db) == expected
+    assert p.sql("SELECT count(*) FROM h", db="plain") == "100"
+    assert p.sql("SELECT count(*) FROM h", db="cp3") == "100"
+    p.sql("INSERT INTO t VALUES (100000, 'MARKER_DBCOPY_late')", db="cp2")
+    flush_wal(p)
+    wait_for_replay(p, s)
+    for db in ("src", "cp2"):
+        assert s.sql("SELECT md5(string_agg(v, ',' ORDER BY id)) FROM t WHERE id < 100000", db=db) == expected
+    assert s.sql("SELECT count(*) FROM h", db="plain") == "100"
+    for c in (p, s):
+        c.checkpoint()
+        assert not c.files_contain("t", b"MARKER_DBCOPY_z1", db="cp2")
+        assert not c.files_contain("t", b"MARKER_DBCOPY_late", db="cp2")
+
+
+def test_drop_database_removes_its_key_map(clusters, keyring):
+    p, s = _db_pair(clusters, keyring)
+    # a database on the default key, which DROP DATABASE must release
+    p.sql("SELECT pg_tde_create_key_using_global_key_provider('dflt', 'g');"
+          "SELECT pg_tde_set_default_key_using_global_key_provider('dflt', 'g')")
+    p.sql("CREATE DATABASE ondefault")
+    p.sql("CREATE EXTENSION pg_tde", db="ondefault")
+    fill_enc(p, "t", "MARKER_DROPDB_d1", db="ondefault")
+    oids = {db: dboid(p, db) for db in ("src", "ondefault")}
+    wait_for_replay(p, s)
+    stale = _keys_file(p, oids["src"]).read_bytes()
+    for oid in oids.values():
+        assert _keys_file(p, oid).exists() and _keys_file(s, oid).exists()
+
+    p.sql("DROP DATABASE src")
+    p.sql("DROP DATABASE ondefault")
+    wait_for_replay(p, s)
+    for c in (p, s):
+        for oid in oids.values():
+            assert not _keys_file(c, oid).exists(), f"{c.name}: {oid}_keys left behind"
+    # nothing pins the default key any more
+    p.sql("SELECT pg_tde_delete_default_key()")
+
+    # A map left behind by a crash after the drop is not adopted by a new
+    # database that gets the same OID.
+    _keys_file(p, oids["src"]).write_bytes(stale)
+    chown(_keys_file(p, oids["src"]))
+    p.sql(f"CREATE DATABASE reused OID = {oids['src']}")
+    assert not _keys_file(p, oids["src"]).exists()
+    p.sql("CREATE EXTENSION pg_tde", db="reused")
+    e = p.sql_error("CREATE TABLE x (v text) USING tde_heap", db="reused")
+    assert "principal key" in e.message, e.output
+    p.restart()
+    assert not _keys_file(p, oids["src"]).exists()
