@@ -538,8 +538,7 @@ fn delete_key() {
     let Some(header) = keys::database_header(db).or_raise() else {
         raise_with(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, "principal key not configured for this database", None)
     };
-    if keys::relation_key_count(db).or_raise() == 0 {
-        keys::remove_map(db).or_raise();
+    if keys::remove_map_if_unused(db).or_raise() {
         return;
     }
     match keys::database_header(keys::DEFAULT_KEY_DB).or_raise() {

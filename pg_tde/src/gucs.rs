@@ -32,6 +32,18 @@ pub fn crash_point(name: &str) {
     }
 }
 
+/// Hold the session for three seconds when `pg_tde.test_crash_point` is
+/// `sleep:<name>`, so that a test can run another session's statement in a
+/// window that is otherwise too short to hit.
+pub fn pause_point(name: &str) {
+    let hit = TEST_CRASH_POINT
+        .get()
+        .is_some_and(|p| p.to_bytes().strip_prefix(b"sleep:".as_slice()) == Some(name.as_bytes()));
+    if hit {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+}
+
 /// The cipher for new internal keys and the length of new principal keys.
 pub fn cipher() -> Cipher {
     match CIPHER.get() {

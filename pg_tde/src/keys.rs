@@ -227,6 +227,26 @@ pub fn principal_key(r: &PrincipalRef) -> Result<Zeroizing<Vec<u8>>> {
     Ok(key)
 }
 
+/// The principal key of a key map, checked against the map's check value
+/// before any use: a provider that returns another key under the same name
+/// (an overwritten secret) is refused, and the key is not kept in the cache.
+pub fn verified_principal(header: &KeyMapHeader) -> Result<Zeroizing<Vec<u8>>> {
+    let key = principal_key(&header.principal)?;
+    if let Err(e) = header.verify_principal(&key) {
+        forget_principal(&header.principal);
+        return Err(e);
+    }
+    Ok(key)
+}
+
+fn forget_principal(r: &PrincipalRef) {
+    let mut cache = PRINCIPAL_CACHE.exclusive();
+    for slot in cache.slots.iter_mut().filter(|s| s.matches(r.provider_id, &r.name)) {
+        slot.key.fill(0);
+        slot.in_use = false;
+    }
+}
+
 /// Header of a database's key map, if it has one (that is, if the database
 /// has a principal key).
 pub fn database_header(db_oid: u32) -> Result<Option<KeyMapHeader>> {
@@ -415,7 +435,7 @@ pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<FileKey>>> {
         let cipher = match find_entry(id)? {
             None => None,
             Some((header, entry)) => {
-                let pk = principal_key(&header.principal)?;
+                let pk = verified_principal(&header)?;
                 let relkey = entry.open(id.db, &pk)?;
                 Some(Arc::new(FileKey::new(relkey)))
             }
@@ -443,19 +463,14 @@ pub fn create_file_key(id: FileId, temp: bool) -> Result<()> {
         LOCAL.with(|cell| cell.borrow_mut().temp.insert(id, cipher));
         return Ok(());
     }
-    let header = match database_header(id.db)? {
-        Some(h) => h,
-        None => adopt_default_key(id.db)?,
-    };
-    store_file_key(id, &header, &relkey)
+    store_file_key(id, &relkey)
 }
 
 /// Give a database without a principal key of its own the cluster's default
 /// key, if there is one.
 fn adopt_default_key(db_oid: u32) -> Result<KeyMapHeader> {
     let default = database_header(DEFAULT_KEY_DB)?.ok_or_else(|| no_principal_key(db_oid))?;
-    let key = principal_key(&default.principal)?;
-    default.verify_principal(&key)?;
+    let key = verified_principal(&default)?;
     set_database_principal(db_oid, default.principal.clone(), &key)?;
     database_header(db_oid)?.ok_or_else(|| no_principal_key(db_oid))
 }
@@ -466,23 +481,50 @@ fn no_principal_key(db_oid: u32) -> TdeError {
     ))
 }
 
-fn store_file_key(id: FileId, header: &KeyMapHeader, relkey: &RelKey) -> Result<()> {
-    let pk = principal_key(&header.principal)?;
-    let entry = KeyMapEntry::seal(id.db, id.spc, id.rel, relkey, &pk)?;
-    with_key_files_lock(|| {
-        rmgr::log_relation_key(id.db, &entry)?;
-        keymap::put_entry(&map_path(id.db), &entry)?;
-        bump_generation();
-        Ok::<(), TdeError>(())
-    })?;
-    let cipher = Arc::new(FileKey::new(relkey.clone()));
-    LOCAL.with(|cell| {
-        let mut local = cell.borrow_mut();
-        local.generation = KEY_GENERATION.get().load(Ordering::Acquire);
-        local.files.clear();
-        local.files.insert(id, Some(cipher));
-    });
-    Ok(())
+/// How often a new relation key is sealed again because the principal key was
+/// rotated between sealing and storing it.
+const STORE_ATTEMPTS: usize = 5;
+
+/// Seal a new relation key with its database's principal key and store it.
+/// The principal key is fetched outside the key-file lock (a provider may be
+/// slow); under the lock the map's header is read again and the entry stored
+/// only if it is still the header the key was sealed for, so a rotation or a
+/// deletion in between is never missed: the entry is sealed again, or the
+/// creation fails when the database has no principal key any more.
+fn store_file_key(id: FileId, relkey: &RelKey) -> Result<()> {
+    let path = map_path(id.db);
+    for _ in 0..STORE_ATTEMPTS {
+        let header = match database_header(id.db)? {
+            Some(h) => h,
+            None => adopt_default_key(id.db)?,
+        };
+        let pk = verified_principal(&header)?;
+        let entry = KeyMapEntry::seal(id.db, id.spc, id.rel, relkey, &pk)?;
+        crate::gucs::pause_point("relation_key_before_lock");
+        let stored = with_key_files_lock(|| {
+            if database_header(id.db)?.as_ref() != Some(&header) {
+                return Ok::<bool, TdeError>(false);
+            }
+            rmgr::log_relation_key(id.db, &entry)?;
+            keymap::put_entry(&path, &entry)?;
+            bump_generation();
+            Ok(true)
+        })?;
+        if stored {
+            let cipher = Arc::new(FileKey::new(relkey.clone()));
+            LOCAL.with(|cell| {
+                let mut local = cell.borrow_mut();
+                local.generation = KEY_GENERATION.get().load(Ordering::Acquire);
+                local.files.clear();
+                local.files.insert(id, Some(cipher));
+            });
+            return Ok(());
+        }
+    }
+    Err(TdeError::Provider(format!(
+        "the principal key of database {} changed {STORE_ATTEMPTS} times while a relation key was being stored; retry",
+        id.db
+    )))
 }
 
 /// Give `dst`, a copy of `src` in a database being created, a key of its own.
@@ -490,16 +532,12 @@ fn store_file_key(id: FileId, header: &KeyMapHeader, relkey: &RelKey) -> Result<
 /// none yet.
 pub fn create_copied_file_key(src: FileId, dst: FileId) -> Result<()> {
     let Some((src_header, _)) = find_entry(src)? else { return Ok(()) };
-    let header = match database_header(dst.db)? {
-        Some(h) => h,
-        None => {
-            let pk = principal_key(&src_header.principal)?;
-            set_database_principal(dst.db, src_header.principal.clone(), &pk)?;
-            database_header(dst.db)?.ok_or_else(|| no_principal_key(dst.db))?
-        }
-    };
+    if database_header(dst.db)?.is_none() {
+        let pk = verified_principal(&src_header)?;
+        set_database_principal(dst.db, src_header.principal.clone(), &pk)?;
+    }
     let relkey = RelKey::generate(crate::gucs::cipher())?;
-    store_file_key(dst, &header, &relkey)
+    store_file_key(dst, &relkey)
 }
 
 /// Forget the key of a relation file that is being unlinked.  Also runs
@@ -538,6 +576,22 @@ fn remove_map_file(db_oid: u32) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(TdeError::Io { context: format!("removing \"{}\"", map_path(db_oid).display()), source: e }),
     }
+}
+
+/// Remove a database's key map if it holds no relation key, checked under the
+/// key-file lock so that a relation key being stored concurrently is seen.
+/// Returns whether the map was removed.
+pub fn remove_map_if_unused(db_oid: u32) -> Result<bool> {
+    crate::gucs::pause_point("delete_key_before_lock");
+    with_key_files_lock(|| {
+        if relation_key_count(db_oid)? > 0 {
+            return Ok(false);
+        }
+        rmgr::log_map_remove(db_oid);
+        remove_map_file(db_oid)?;
+        bump_generation();
+        Ok(true)
+    })
 }
 
 /// Remove the key map of a database that no longer exists (dropped), or of
@@ -619,7 +673,14 @@ pub fn redo_map_remove(db_oid: u32) -> Result<()> {
 pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
     ensure_key_dir()?;
     with_key_files_lock(|| {
-        keymap::put_entry(&map_path(db_oid), entry)?;
+        match keymap::put_entry(&map_path(db_oid), entry) {
+            Ok(()) => {}
+            // The map was removed later in the WAL (the database was dropped or
+            // its key deleted) and crash recovery is replaying from before
+            // that: the removal's own record follows.
+            Err(TdeError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
         bump_generation();
         Ok(())
     })

@@ -231,3 +231,116 @@ def test_drop_database_removes_its_key_map(clusters, keyring):
     assert "principal key" in e.message, e.output
     p.restart()
     assert not _keys_file(p, oids["src"]).exists()
+
+
+# ---------------------------------------------------------------------------
+# Case 4: creating a relation key races with rotating or deleting the
+# principal key.  `pg_tde.test_crash_point = 'sleep:<point>'` holds the
+# session for three seconds at that point, so that the other session's
+# statement runs in the window.
+
+
+def _in_background(c: Cluster, query: str, db: str = "postgres"):
+    result: dict = {}
+
+    def run():
+        try:
+            result["out"] = c.sql(query, db)
+        except SQLError as e:
+            result["err"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def _sleep_then(c: Cluster, point: str, query: str, db: str = "postgres"):
+    # psql sends each statement on its own; the comment tags the first one
+    t, r = _in_background(c, f"SET pg_tde.test_crash_point = 'sleep:{point}'; /* sleep:{point} */ {query}", db)
+    # the background session is past its first statement and sleeping
+    import time
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if c.sql(f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '/* sleep:{point} */%' AND pid <> pg_backend_pid()") == "1":
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the session never reached {point}")
+    time.sleep(0.5)
+    return t, r
+
+
+def test_relation_key_created_during_a_rotation(clusters, keyring):
+    p = new_cluster(clusters, "race-rot", keyring, wal_encrypt=False)
+    p.sql("SELECT pg_tde_create_key_using_database_key_provider('k2', 'file-vault')")
+    t, r = _sleep_then(p, "relation_key_before_lock",
+                       "CREATE TABLE racy (id int, v text) USING tde_heap;"
+                       "INSERT INTO racy SELECT g, 'MARKER_RACE_ROT' || g FROM generate_series(1, 500) g")
+    p.sql("SELECT pg_tde_set_key_using_database_key_provider('k2', 'file-vault')")
+    t.join()
+    assert "err" not in r, r["err"].output
+    p.checkpoint()
+    p.restart()
+    assert p.sql("SELECT count(*) FROM racy") == "500"
+    p.sql("INSERT INTO racy VALUES (0, 'x')")
+    p.checkpoint()
+    assert not p.files_contain("racy", b"MARKER_RACE_ROT")
+
+
+def test_delete_key_during_a_relation_key_creation(clusters, keyring):
+    p = new_cluster(clusters, "race-del", keyring, wal_encrypt=False)
+    t, r = _sleep_then(p, "delete_key_before_lock", "SELECT pg_tde_delete_key()")
+    p.sql("CREATE TABLE racy (id int, v text) USING tde_heap;"
+          "INSERT INTO racy SELECT g, 'MARKER_RACE_DEL' || g FROM generate_series(1, 500) g")
+    t.join()
+    # the delete sees the new relation under the lock and is refused
+    assert "err" in r, "pg_tde_delete_key() deleted the key of a database with an encrypted table"
+    assert r["err"].sqlstate == "55006", r["err"].output
+    p.checkpoint()
+    assert not p.files_contain("racy", b"MARKER_RACE_DEL")
+    p.restart()
+    assert p.sql("SELECT count(*) FROM racy") == "500"
+
+
+def test_redo_of_a_relation_key_whose_map_was_removed_later(clusters, keyring):
+    """Crash recovery replays a relation-key record after the map it belongs
+    to was removed (DROP DATABASE) before the crash."""
+    p = new_cluster(clusters, "redo-absent", keyring, wal_encrypt=False)
+    p.sql("CREATE DATABASE gone")
+    setup_encryption(p, keyring, db="gone", key="gone-key")
+    p.checkpoint()  # recovery starts after the map was created
+    fill_enc(p, "t", "MARKER_GONE", db="gone")
+    p.sql("DROP DATABASE gone")
+    p.kill9()
+    p.start()
+    assert p.sql("SELECT 1") == "1"
+
+
+# ---------------------------------------------------------------------------
+# Case 8: a provider that returns a different key under the same name
+
+
+def test_overwritten_principal_key_is_refused(clusters, keyring):
+    import json
+    p = new_cluster(clusters, "overwritten", keyring, wal_encrypt=False)
+    fill_enc(p, "t", "MARKER_OVERWRITTEN")
+    expected = digest(p, "t")
+    path = keyring / "keyring.json"
+    original = path.read_bytes()
+    doc = json.loads(original)
+    for k in doc["keys"]:
+        if k["name"] == "principal-key":
+            k["key_hex"] = "ab" * (len(k["key_hex"]) // 2)
+    path.write_text(json.dumps(doc))
+    p.restart()  # empties the principal-key cache
+    e = p.sql_error("CREATE TABLE t2 (v text) USING tde_heap")
+    assert "does not match" in e.message, e.output
+    e = p.sql_error("SELECT count(*) FROM t")
+    assert "does not match" in e.message, e.output
+    # the right key back: everything readable, and nothing was sealed with the wrong one
+    path.write_bytes(original)
+    p.restart()
+    assert digest(p, "t") == expected
+    p.sql("CREATE TABLE t2 (v text) USING tde_heap; INSERT INTO t2 VALUES ('x')")
+    p.restart()
+    assert p.sql("SELECT v FROM t2") == "x"
