@@ -344,3 +344,61 @@ def test_overwritten_principal_key_is_refused(clusters, keyring):
     p.sql("CREATE TABLE t2 (v text) USING tde_heap; INSERT INTO t2 VALUES ('x')")
     p.restart()
     assert p.sql("SELECT v FROM t2") == "x"
+
+
+# ---------------------------------------------------------------------------
+# Case 7: an ERROR inside md.c (here: a full tablespace) while pg_tde's
+# storage manager writes encrypted pages
+
+
+@pytest.fixture
+def small_fs():
+    """A 32 MB tmpfs owned by the server's user; skipped where mounting is refused."""
+    import os
+    import pwd
+    import tempfile
+
+    mnt = Path(tempfile.mkdtemp(prefix="pg_tde-full-", dir="/var/tmp"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a small file system here: {r.stderr.strip()}")
+    pw = pwd.getpwnam("postgres")
+    os.chown(mnt, pw.pw_uid, pw.pw_gid)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    mnt.rmdir()
+
+
+def test_full_tablespace_during_encrypted_writes(clusters, keyring, small_fs):
+    p = new_cluster(clusters, "fulldisk", keyring, wal_encrypt=False)
+    p.sql(f"CREATE TABLESPACE small LOCATION '{small_fs}'")
+    m = "MARKER_FULL_DISK_f7"
+    p.sql(f"CREATE TABLE big (id int, v text) USING tde_heap;"
+          f"INSERT INTO big SELECT g, '{m}' || md5(g::text) FROM generate_series(1, 300000) g")
+    p.sql("CREATE TABLE filler (v text) USING tde_heap TABLESPACE small;"
+          "INSERT INTO filler SELECT repeat(md5(g::text), 4) FROM generate_series(1, 120000) g")
+    # One session: the index build into the full tablespace fails inside
+    # mdextend; after space is freed, the same process writes encrypted pages
+    # again (no state of pg_tde's left behind by the error), and so does the
+    # checkpointer.
+    script = (
+        "CREATE INDEX big_v ON big (v) TABLESPACE small;\n"
+        "SELECT 'after-error';\n"
+        "DROP TABLE filler;\n"
+        "CREATE INDEX big_v ON big (v) TABLESPACE small;\n"
+        f"INSERT INTO big SELECT g, '{m}' || md5(g::text) FROM generate_series(300001, 310000) g;\n"
+        "CHECKPOINT;\n"
+        "SELECT 'done';\n"
+    )
+    r = subprocess.run(p.psql_args() + ["-v", "VERBOSITY=verbose"], input=script, capture_output=True, text=True)
+    assert "53100" in r.stderr, f"no disk-full error:\n{r.stderr}"
+    assert r.stderr.count("ERROR") == 1, r.stderr
+    assert "done" in r.stdout, r.stdout + r.stderr
+    p.restart()
+    assert p.sql("SELECT count(*) FROM big") == "310000"
+    assert p.sql(f"SET enable_seqscan = off; SELECT count(*) FROM big WHERE v = '{m}' || md5('309999')") == "1"
+    p.sql("CREATE EXTENSION IF NOT EXISTS amcheck; SELECT bt_index_check('big_v', true)")
+    assert not p.files_contain("big_v", m.encode())
+    assert not p.files_contain("big", m.encode())
