@@ -16,7 +16,9 @@ import pytest
 
 from cluster import BIN, Cluster, SQLError, chown, setup_encryption
 from test_replication import dboid, digest, make_standby, wait_for_replay
-from test_wal import flush_wal, new_cluster, set_wal_encrypt, wal_files_with
+import struct
+
+from test_wal import SEG_SIZE, XLP_TDE_ENCRYPTED, flush_wal, lsn_int, new_cluster, seg_name, set_wal_encrypt, wal_files_with
 from test_wal_tools import TOOLS, segments
 from test_key_management import wait_until_up
 
@@ -402,3 +404,48 @@ def test_full_tablespace_during_encrypted_writes(clusters, keyring, small_fs):
     p.sql("CREATE EXTENSION IF NOT EXISTS amcheck; SELECT bt_index_check('big_v', true)")
     assert not p.files_contain("big_v", m.encode())
     assert not p.files_contain("big", m.encode())
+
+
+# ---------------------------------------------------------------------------
+# Case 6: stale encrypted pages of recycled segments after encryption was
+# switched off
+
+
+def _next_segment_starts_with_a_stale_flagged_page(c: Cluster) -> bool:
+    lsn = lsn_int(c.sql("SELECT pg_current_wal_insert_lsn()"))
+    nxt = (lsn // SEG_SIZE + 1) * SEG_SIZE
+    path = c.datadir / "pg_wal" / seg_name(1, nxt)
+    if not path.exists():
+        return False
+    with open(path, "rb") as f:
+        _magic, info, _tli, addr = struct.unpack("<HHIQ", f.read(16))
+    return bool(info & XLP_TDE_ENCRYPTED) and addr != nxt
+
+
+def test_stale_encrypted_page_after_switching_off_is_end_of_wal(clusters, keyring):
+    p = new_cluster(clusters, "stale-wal", keyring, wal_encrypt=True,
+                    extra="min_wal_size = '256MB'\nmax_wal_size = '512MB'\nwal_recycle = on\n")
+    # several segments of encrypted WAL, then recycled into future segments
+    p.sql("CREATE TABLE w (v text) USING tde_heap;"
+          "INSERT INTO w SELECT repeat(md5(g::text), 30) FROM generate_series(1, 80000) g")
+    p.checkpoint()
+    p.sql("SELECT pg_switch_wal()")
+    p.checkpoint()
+    set_wal_encrypt(p, False)
+    # End the WAL with a segment switch right before a recycled segment whose
+    # first page is a flagged page of its previous life, with another page
+    # address: crash recovery reads that page to find the end of WAL.
+    for i in range(8):
+        if _next_segment_starts_with_a_stale_flagged_page(p):
+            break
+        p.sql(f"INSERT INTO w VALUES ('skip{i}'); SELECT pg_switch_wal()")
+    else:
+        raise AssertionError("no recycled segment with stale encrypted pages came up")
+    p.sql("INSERT INTO w VALUES ('after')")
+    expected = p.sql("SELECT count(*) FROM w")
+    p.sql("SELECT pg_switch_wal()")
+    for _ in range(2):
+        p.kill9()
+        p.start()
+        assert p.sql("SELECT count(*) FROM w") == expected
+    assert "unexpected pageaddr" in p.logfile.read_text(errors="replace") or "invalid info bits" in p.logfile.read_text(errors="replace")

@@ -36,8 +36,9 @@ pub const XLP_LONG_HEADER: u16 = 0x0002;
 /// Sizes of short and long WAL page headers.
 pub const SHORT_HEADER: u64 = 24;
 pub const LONG_HEADER: u64 = 40;
-/// Bytes of a page header needed to process a page (`xlp_magic`, `xlp_info`, `xlp_tli`).
-pub const HEADER_PREFIX: usize = 8;
+/// Bytes of a page header needed to process a page (`xlp_magic`, `xlp_info`,
+/// `xlp_tli`, `xlp_pageaddr`).
+pub const HEADER_PREFIX: usize = 16;
 
 enum Aes {
     A128(Box<Aes128>),
@@ -140,9 +141,15 @@ fn bad_key() -> TdeError {
     TdeError::Invalid("bad WAL key".into())
 }
 
-/// `xlp_info` and `xlp_tli` of a page header prefix.
-fn header_fields(prefix: &[u8; HEADER_PREFIX]) -> (u16, u32) {
-    (u16::from_le_bytes([prefix[2], prefix[3]]), u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]))
+/// `xlp_info`, `xlp_tli` and `xlp_pageaddr` of a page header prefix.
+fn header_fields(prefix: &[u8; HEADER_PREFIX]) -> (u16, u32, u64) {
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&prefix[8..16]);
+    (
+        u16::from_le_bytes([prefix[2], prefix[3]]),
+        u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]),
+        u64::from_le_bytes(addr),
+    )
 }
 
 fn header_len(info: u16) -> u64 {
@@ -224,19 +231,20 @@ fn any_key(keys: &KeyRanges, from: u64, to: u64) -> bool {
 }
 
 /// Walk the WAL pages that `buf` (LSN `start ..`) touches, calling
-/// `f(buf, page_lsn, xlp_info, xlp_tli)` for each; the header prefix comes from
-/// the buffer, or from `from_file` where the buffer does not cover it.
+/// `f(buf, page_lsn, xlp_info, xlp_tli, xlp_pageaddr)` for each; the header
+/// prefix comes from the buffer, or from `from_file` where the buffer does not
+/// cover it.
 fn for_each_page(
     buf: &mut [u8],
     start: u64,
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
-    mut f: impl FnMut(&mut [u8], u64, u16, u32) -> Result<()>,
+    mut f: impl FnMut(&mut [u8], u64, u16, u32, u64) -> Result<()>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
     let mut page = start - start % WAL_PAGE_SIZE;
     while page < end {
-        let (info, tli) = header_fields(&page_prefix(buf, start, page, from_file)?);
-        f(buf, page, info, tli)?;
+        let (info, tli, addr) = header_fields(&page_prefix(buf, start, page, from_file)?);
+        f(buf, page, info, tli, addr)?;
         page += WAL_PAGE_SIZE;
     }
     Ok(())
@@ -250,7 +258,7 @@ pub fn any_page_flagged(
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<bool> {
     let mut flagged = false;
-    for_each_page(buf, start, from_file, |_, _, info, _| {
+    for_each_page(buf, start, from_file, |_, _, info, _, _| {
         flagged |= info & XLP_TDE_ENCRYPTED != 0;
         Ok(())
     })?;
@@ -271,7 +279,7 @@ pub fn encrypt_for_write(
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
-    for_each_page(buf, start, from_file, |buf, page, info, tli| {
+    for_each_page(buf, start, from_file, |buf, page, info, tli, _| {
         let body = page + header_len(info);
         let page_end = page + WAL_PAGE_SIZE;
         if any_key(keys, body, page_end) {
@@ -295,6 +303,13 @@ pub fn encrypt_for_write(
 /// segment: the bodies of flagged pages are decrypted with the keys of their
 /// LSNs and the flag cleared.  A flagged page with bytes no key covers is an
 /// error (`NotFound`: the caller may reload the keys and retry).
+///
+/// A flagged page whose header gives another address than its position is
+/// not WAL of this position: a page left in a recycled segment file from its
+/// previous life, read when recovery looks one page past the end of WAL (or
+/// in the tail of a `.partial` segment).  It is passed up as it is, flag and
+/// all, and PostgreSQL's page-header check ends the WAL there, as for any
+/// stale page.
 pub fn decrypt_after_read(
     buf: &mut [u8],
     start: u64,
@@ -302,8 +317,8 @@ pub fn decrypt_after_read(
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
     let end = start + buf.len() as u64;
-    for_each_page(buf, start, from_file, |buf, page, info, tli| {
-        if info & XLP_TDE_ENCRYPTED == 0 {
+    for_each_page(buf, start, from_file, |buf, page, info, tli, addr| {
+        if info & XLP_TDE_ENCRYPTED == 0 || addr != page {
             return Ok(());
         }
         let body = page + header_len(info);
@@ -573,5 +588,25 @@ mod tests {
             }
             assert_eq!(disk, whole);
         }
+    }
+
+    #[test]
+    fn stale_flagged_page_of_a_recycled_segment_is_passed_up_as_it_is() {
+        let c = std::sync::Arc::new(WalCipher::new(&[4u8; 16], &[6u8; 16]).unwrap());
+        let old = one_key(&c);
+        // a page written at 8192 under a key, then found at 3 * 8192 in a recycled file
+        let mut stale = page(8192, 1, false, 0x5a);
+        encrypt_for_write(&mut stale, 8192, 2 * 8192, &old, &mut |_| unreachable!()).unwrap();
+        let flagged = stale.clone();
+        // encryption was switched off since: a null key covers the position
+        let mut off = KeyRanges::default();
+        off.push(0, u64::MAX, Some(c.clone()));
+        off.push(2 * 8192, u64::MAX, None);
+        decrypt_after_read(&mut stale, 3 * 8192, &off, &mut |_| unreachable!()).unwrap();
+        assert_eq!(stale, flagged, "a stale page must reach PostgreSQL's header check unchanged");
+        // at its own address the same page is still an error without a key
+        let mut own = flagged.clone();
+        let none = KeyRanges::default();
+        assert!(decrypt_after_read(&mut own, 8192, &none, &mut |_| unreachable!()).is_err());
     }
 }
