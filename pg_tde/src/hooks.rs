@@ -344,8 +344,8 @@ fn database_tablespace(db: pg_sys::Oid) -> Option<u32> {
         if tuple.is_null() {
             return None;
         }
-        let form = (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize)
-            as *const pg_sys::FormData_pg_database;
+        let form =
+            (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize) as *const pg_sys::FormData_pg_database;
         let spc = (*form).dattablespace.to_u32();
         pg_sys::ReleaseSysCache(tuple);
         Some(spc)

@@ -5,8 +5,11 @@
 //! byte read back through [`wal_read`]; the page format and cipher are in
 //! `tde_core::wal`.  Keys: each process role that writes WAL (the WAL writer
 //! path on a primary, the WAL receiver on a standby) takes a fresh key on its
-//! first write after the server started, crash-restarted or was promoted, so
-//! no (key, counter) pair is ever used for two different contents.  WAL keys
+//! first write after the server started, crash-restarted or was promoted, and
+//! whenever the timeline of the segment files it writes changes (the receiver
+//! also at each of its own starts), so no (key, counter) pair is ever used for
+//! two different contents: keys are bound to the timeline of the files they
+//! encrypt (read from the file name, see [`file_timeline`]).  WAL keys
 //! are appended to `$PGDATA/pg_tde/wal_keys`, wrapped by the server key, and
 //! fsynced before first use; they are local to each server (a standby has its
 //! own), and `pg_basebackup` copies them with the data.
@@ -17,13 +20,14 @@
 use std::cell::RefCell;
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, GucContext, GucFlags, GucRegistry, GucSetting};
-use tde_core::wal::{self, HEADER_PREFIX};
 use tde_core::keymap;
+use tde_core::wal::{self, HEADER_PREFIX};
 use tde_core::walkeys::{self, KeyRanges, WalKey, Wrapping};
 use tde_core::{Result, TdeError};
 
@@ -46,6 +50,11 @@ struct WalSlot {
     null: bool,
     /// First LSN the record covers.
     start: u64,
+    /// Timeline of the segment files the key is for.
+    timeline: u32,
+    /// The WAL receiver process that took the key (0 for the writer role):
+    /// each start of the receiver takes a new one.
+    pid: i32,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -53,6 +62,8 @@ struct WalSlot {
 pub struct WalShared {
     /// Bumped whenever a WAL key is added to the key file.
     generation: u64,
+    /// Bumped when the key file is rewritten (not only appended to).
+    rewrites: u64,
     /// 0: the WAL writer path (XLogWrite), 1: the WAL receiver.
     slots: [WalSlot; 2],
 }
@@ -114,38 +125,62 @@ pub fn upgrade_legacy_records() -> Result<()> {
     let mut shared = WAL_SHARED.exclusive();
     if walkeys::upgrade_records(&path, &wrapping)? {
         shared.generation += 1;
+        shared.rewrites += 1;
     }
     drop(shared);
     crate::gucs::crash_point("wal_kek_converted");
     Ok(())
 }
 
-thread_local! {
-    /// All WAL keys: (cache key, ranges).
-    static KEYS: RefCell<Option<(u64, KeyRanges)>> = const { RefCell::new(None) };
+/// This process's copy of the WAL keys.
+struct LoadedKeys {
+    /// `WAL_SHARED.rewrites` when loaded: a rewrite means a full reload.
+    rewrites: u64,
+    /// `WAL_SHARED.generation` when last checked.
+    generation: u64,
+    /// Bytes of the key file read so far (whole records).
+    read_upto: u64,
+    ranges: Arc<KeyRanges>,
 }
 
-/// The WAL key ranges, reloaded when a key was added (by this server:
-/// `generation`; by pg_tde_restore_encrypt: the file's length).
-fn key_ranges(with_file_len: bool) -> Result<KeyRanges> {
-    let mut stamp = WAL_SHARED.share().generation;
-    if with_file_len {
-        stamp ^= std::fs::metadata(wal_keys_path()).map(|m| m.len()).unwrap_or(0) << 20;
-    }
+thread_local! {
+    static KEYS: RefCell<Option<LoadedKeys>> = const { RefCell::new(None) };
+}
+
+/// The WAL key ranges.  Keys added since the last call (by this server:
+/// `generation`; by `pg_tde_restore_encrypt`, when `with_file_len`: the
+/// file's length) are read and unwrapped alone, so that a recovery restoring
+/// many segments, each with a key of its own, does not re-read every key for
+/// every segment.
+fn key_ranges(with_file_len: bool) -> Result<Arc<KeyRanges>> {
+    let (generation, rewrites) = {
+        let shared = WAL_SHARED.share();
+        (shared.generation, shared.rewrites)
+    };
+    let path = wal_keys_path();
     KEYS.with(|cell| {
         let mut cached = cell.borrow_mut();
-        if let Some((s, k)) = cached.as_ref() {
-            if *s == stamp {
-                return Ok(k.clone());
+        if let Some(k) = cached.as_mut() {
+            if k.rewrites == rewrites {
+                let grown = if with_file_len {
+                    std::fs::metadata(&path)
+                        .map(|m| m.len() >= k.read_upto + walkeys::RECORD_SIZE as u64)
+                        .unwrap_or(false)
+                } else {
+                    k.generation != generation
+                };
+                if grown {
+                    let (more, upto) = walkeys::read_from(&path, &wal_wrapping()?, k.read_upto)?;
+                    Arc::make_mut(&mut k.ranges).extend(&more)?;
+                    k.read_upto = upto;
+                }
+                k.generation = generation;
+                return Ok(k.ranges.clone());
             }
         }
-        let path = wal_keys_path();
-        let ranges = if path.exists() {
-            KeyRanges::from_keys(&walkeys::read_all(&path, &wal_wrapping()?)?)?
-        } else {
-            KeyRanges::default()
-        };
-        *cached = Some((stamp, ranges.clone()));
+        let (keys, upto) = walkeys::read_from(&path, &wal_wrapping()?, 0)?;
+        let ranges = Arc::new(KeyRanges::from_keys(&keys)?);
+        *cached = Some(LoadedKeys { rewrites, generation, read_upto: upto, ranges: ranges.clone() });
         Ok(ranges)
     })
 }
@@ -158,7 +193,7 @@ fn forget_key_ranges() {
 /// byte of the write that differs from what the file already holds (decrypted).
 /// XLogWrite's first write rewrites the previous run's last, partly filled
 /// page; its durable prefix must keep its bytes, so the new key starts after it.
-fn first_new_byte(fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> u64 {
+fn first_new_byte(fd: c_int, buf: &[u8], offset: i64, startptr: u64, tli: u32) -> u64 {
     let n = buf.len().min(wal::WAL_PAGE_SIZE as usize - (startptr % wal::WAL_PAGE_SIZE) as usize);
     let mut disk = vec![0u8; n];
     // SAFETY: pread into a local buffer of length n.
@@ -167,7 +202,8 @@ fn first_new_byte(fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> u64 {
         return startptr;
     }
     let Ok(keys) = key_ranges(false) else { return startptr };
-    if wal::decrypt_after_read(&mut disk, startptr, &keys, &mut |p| header_from_file(fd, offset, startptr, p)).is_err()
+    if wal::decrypt_after_read(&mut disk, startptr, tli, &keys, &mut |p| header_from_file(fd, offset, startptr, p))
+        .is_err()
     {
         return startptr;
     }
@@ -175,12 +211,16 @@ fn first_new_byte(fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> u64 {
     startptr + same as u64
 }
 
-/// Make sure the calling role has its key record for this incarnation;
-/// returns the slot.
-fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startptr: u64) -> Result<WalSlot> {
+/// Make sure the calling role has its key record for this incarnation and
+/// the timeline `tli` of the segment file it writes (and, for the WAL
+/// receiver, for this start of the receiver); returns the slot.
+fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startptr: u64, tli: u32) -> Result<WalSlot> {
+    // SAFETY: plain read of a process-global set at process start.
+    let pid = if role == 1 { unsafe { (&raw const pg_sys::MyProcPid).read() } } else { 0 };
+    let current = |s: &WalSlot| s.valid && s.timeline == tli && s.pid == pid;
     {
         let shared = WAL_SHARED.share();
-        if shared.slots[role].valid {
+        if current(&shared.slots[role]) {
             return Ok(shared.slots[role]);
         }
     }
@@ -188,26 +228,26 @@ fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startp
     // their start after a restart: its key starts where it starts writing.
     // (Computed before taking the lock: it reads the key ranges, which share it.
     // Each role writes from one process at a time, so nothing races us here.)
-    let start = if role == 1 { startptr } else { first_new_byte(fd, buf, offset, startptr) };
+    let start = if role == 1 { startptr } else { first_new_byte(fd, buf, offset, startptr, tli) };
     let wrapping = wal_wrapping()?;
     let mut shared = WAL_SHARED.exclusive();
-    if shared.slots[role].valid {
+    if current(&shared.slots[role]) {
         return Ok(shared.slots[role]);
     }
     let created =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let (key, base) = if on {
-        wal::generate_key(wrapping.wal_key_len())?
-    } else {
-        (zeroize::Zeroizing::new(Vec::new()), [0u8; 16])
-    };
+    let (key, base) =
+        if on { wal::generate_key(wrapping.wal_key_len())? } else { (zeroize::Zeroizing::new(Vec::new()), [0u8; 16]) };
+    // Records of a server key map from before the key-encryption key carry no
+    // timeline; they are re-wrapped with one at the next server-key rotation.
+    let timeline = if wrapping.has_kek() { tli } else { 0 };
     walkeys::append(
         &wal_keys_path(),
         &wrapping,
-        &WalKey { start_lsn: start, end_lsn: u64::MAX, timeline: 0, created_unix_secs: created, key, base },
+        &WalKey { start_lsn: start, end_lsn: u64::MAX, timeline, created_unix_secs: created, key, base },
     )?;
     shared.generation += 1;
-    shared.slots[role] = WalSlot { valid: true, null: !on, start };
+    shared.slots[role] = WalSlot { valid: true, null: !on, start, timeline: tli, pid };
     Ok(shared.slots[role])
 }
 
@@ -228,6 +268,20 @@ fn header_from_file(fd: c_int, offset: i64, startptr: u64, page_lsn: u64) -> Res
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Timeline of the WAL segment file open as `fd`, from its name
+/// (`TTTTTTTTXXXXXXXXYYYYYYYY`): WAL keys are bound to the timeline of the
+/// files they encrypt, whatever the page headers say (a new timeline's first
+/// segment starts with pages of its parent).
+fn file_timeline(fd: c_int) -> Result<u32> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| TdeError::io(format!("could not find the WAL segment file of descriptor {fd}"), e))?;
+    let name = link.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    match name.get(0..8).map(|t| u32::from_str_radix(t, 16)) {
+        Some(Ok(tli)) if name.len() >= 24 => Ok(tli),
+        _ => Err(TdeError::Invalid(format!("\"{}\" is not a WAL segment file", link.display()))),
+    }
 }
 
 fn is_wal_receiver() -> bool {
@@ -267,7 +321,11 @@ unsafe extern "C-unwind" fn wal_write(
     }
     // SAFETY: the caller passes nbytes readable bytes at buf.
     let data = unsafe { std::slice::from_raw_parts(buf as *const u8, nbytes) };
-    let slot = match ensure_slot(role, on, fd, data, offset, startptr) {
+    let tli = match file_timeline(fd) {
+        Ok(t) => t,
+        Err(e) => errors::raise(e),
+    };
+    let slot = match ensure_slot(role, on, fd, data, offset, startptr, tli) {
         Ok(s) => s,
         Err(e) => errors::raise(e),
     };
@@ -284,7 +342,7 @@ unsafe extern "C-unwind" fn wal_write(
         let mut scratch = s.borrow_mut();
         scratch.clear();
         scratch.extend_from_slice(data);
-        let result = wal::encrypt_for_write(&mut scratch, startptr, validupto, &keys, &mut |page| {
+        let result = wal::encrypt_for_write(&mut scratch, startptr, validupto, tli, &keys, &mut |page| {
             header_from_file(fd, offset, startptr, page)
         });
         if let Err(e) = result {
@@ -312,10 +370,14 @@ unsafe extern "C-unwind" fn wal_read(
         Ok(false) => return,
         Err(e) => errors::raise(e),
     }
+    let tli = match file_timeline(fd) {
+        Ok(t) => t,
+        Err(e) => errors::raise(e),
+    };
     let original = data.to_vec();
     let attempt = |data: &mut [u8]| -> Result<()> {
         let keys = key_ranges(true)?;
-        wal::decrypt_after_read(data, startptr, &keys, &mut |page| header_from_file(fd, offset, startptr, page))
+        wal::decrypt_after_read(data, startptr, tli, &keys, &mut |page| header_from_file(fd, offset, startptr, page))
     };
     let result = match attempt(data) {
         Err(TdeError::NotFound(_)) => {

@@ -449,3 +449,62 @@ def test_stale_encrypted_page_after_switching_off_is_end_of_wal(clusters, keyrin
         p.start()
         assert p.sql("SELECT count(*) FROM w") == expected
     assert "unexpected pageaddr" in p.logfile.read_text(errors="replace") or "invalid info bits" in p.logfile.read_text(errors="replace")
+
+
+# ---------------------------------------------------------------------------
+# Case 5: WAL keys at a timeline switch
+
+
+def test_new_timeline_never_reuses_the_keystream_of_the_old_one(clusters, keyring, tmp_path):
+    """A standby that follows a promoted node onto timeline 2 writes the new
+    timeline's copy of the switch segment with a key of its own: where the
+    two files hold the same WAL (before the switch point), their ciphertexts
+    differ; a shared (key, counter) would make them equal, and would encrypt
+    the different WAL after the switch point with the same keystream."""
+    p = new_cluster(clusters, "tl-primary", keyring, wal_encrypt=True, extra="wal_keep_size = '1GB'\n")
+    p.sql("CREATE TABLE s (id int, v text) USING tde_heap")
+    s1 = make_standby(p)
+    clusters.append(s1)
+    s2 = make_standby(p)
+    clusters.append(s2)
+    p.sql("INSERT INTO s SELECT g, 'MARKER_TL_ONE' || g FROM generate_series(1, 2000) g")
+    for s in (s1, s2):
+        wait_for_replay(p, s)
+    p.stop()
+    assert s1.sql("SELECT pg_promote(true, 120)") == "t"
+    s1.sql("INSERT INTO s SELECT g, 'MARKER_TL_TWO' || g FROM generate_series(3000, 5000) g")
+    s2.sql(f"ALTER SYSTEM SET primary_conninfo = 'host={s1.sockdir} port={s1.port} user=postgres'; SELECT pg_reload_conf()")
+    import time
+    deadline = time.time() + 180
+    while s2.sql("SELECT coalesce((SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'), 0)") != "2":
+        assert time.time() < deadline, s2.log_tail()
+        time.sleep(0.2)
+    wait_for_replay(s1, s2)
+    assert digest(s2, "s") == digest(s1, "s")
+    s2.checkpoint()
+
+    history = (s2.datadir / "pg_wal" / "00000002.history").read_text().split()
+    switch = lsn_int(history[1])
+    seg1 = s2.datadir / "pg_wal" / seg_name(1, switch)
+    seg2 = s2.datadir / "pg_wal" / seg_name(2, switch)
+    assert seg1.exists() and seg2.exists(), sorted(x.name for x in (s2.datadir / "pg_wal").iterdir())
+    c1, c2 = seg1.read_bytes(), seg2.read_bytes()
+    out = tmp_path / "plain"
+    out.mkdir()
+    r = subprocess.run([str(TOOLS / "pg_tde_decrypt_wal"), "-D", str(s2.datadir), "-o", str(out), str(seg1), str(seg2)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    p1, p2 = (out / seg1.name).read_bytes(), (out / seg2.name).read_bytes()
+    start = switch - switch % SEG_SIZE
+    same_plain = same_cipher = 0
+    for page in range(0, (switch - start) // 8192 * 8192, 8192):
+        flagged = all(struct.unpack_from("<H", c, page + 2)[0] & XLP_TDE_ENCRYPTED for c in (c1, c2))
+        if not flagged:
+            continue
+        for i in range(page + 40, page + 8192):
+            if p1[i] == p2[i]:
+                same_plain += 1
+                same_cipher += c1[i] == c2[i]
+    assert same_plain > 8192, "the two timelines' files share too little WAL to compare"
+    # with independent keys, equal bytes come by chance (1/256)
+    assert same_cipher < same_plain // 20, f"{same_cipher} of {same_plain} shared bytes encrypted alike: keystream reused"

@@ -203,12 +203,12 @@ fn set_flag(buf: &mut [u8], start: u64, page: u64, on: bool) {
 }
 
 /// XOR the keys of `keys` into the bytes `[from, to)` of a page begun on
-/// timeline `tli` (`buf` holds LSN `start ..`); bytes under a null key or no
-/// key are left as they are.
-fn apply_ranges(buf: &mut [u8], start: u64, from: u64, to: u64, tli: u32, keys: &KeyRanges) {
+/// timeline `tli` (`buf` holds LSN `start ..`) of a segment file of timeline
+/// `file_tli`; bytes under a null key or no key are left as they are.
+fn apply_ranges(buf: &mut [u8], start: u64, from: u64, to: u64, tli: u32, file_tli: u32, keys: &KeyRanges) {
     let mut lsn = from;
     while lsn < to {
-        let (cipher, next) = keys.lookup(lsn);
+        let (cipher, next) = keys.lookup(file_tli, lsn);
         let until = next.min(to);
         if let Some(c) = cipher {
             c.apply(tli, lsn, &mut buf[(lsn - start) as usize..(until - start) as usize]);
@@ -217,11 +217,12 @@ fn apply_ranges(buf: &mut [u8], start: u64, from: u64, to: u64, tli: u32, keys: 
     }
 }
 
-/// Whether any byte of `[from, to)` falls under a (non-null) key.
-fn any_key(keys: &KeyRanges, from: u64, to: u64) -> bool {
+/// Whether any byte of `[from, to)` of a segment file of timeline `file_tli`
+/// falls under a (non-null) key.
+fn any_key(keys: &KeyRanges, file_tli: u32, from: u64, to: u64) -> bool {
     let mut lsn = from;
     while lsn < to {
-        let (cipher, next) = keys.lookup(lsn);
+        let (cipher, next) = keys.lookup(file_tli, lsn);
         if cipher.is_some() {
             return true;
         }
@@ -265,7 +266,8 @@ pub fn any_page_flagged(
     Ok(flagged)
 }
 
-/// Prepare WAL bytes `buf` (LSN `start ..`) for writing, in place.  A page
+/// Prepare WAL bytes `buf` (LSN `start ..` of a segment file of timeline
+/// `file_tli`) for writing, in place.  A page
 /// whose body falls (even partly) under a key is flagged; its bytes are
 /// encrypted with the key of their LSN up to `valid_upto`, and zeroed after it
 /// (they will be written again).  Pages wholly under null keys or no key are
@@ -275,6 +277,7 @@ pub fn encrypt_for_write(
     buf: &mut [u8],
     start: u64,
     valid_upto: u64,
+    file_tli: u32,
     keys: &KeyRanges,
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
@@ -282,11 +285,11 @@ pub fn encrypt_for_write(
     for_each_page(buf, start, from_file, |buf, page, info, tli, _| {
         let body = page + header_len(info);
         let page_end = page + WAL_PAGE_SIZE;
-        if any_key(keys, body, page_end) {
+        if any_key(keys, file_tli, body, page_end) {
             let enc_from = start.max(body);
             let enc_to = end.min(valid_upto).min(page_end);
             if enc_from < enc_to {
-                apply_ranges(buf, start, enc_from, enc_to, tli, keys);
+                apply_ranges(buf, start, enc_from, enc_to, tli, file_tli, keys);
             }
             let zero_from = start.max(body).max(valid_upto);
             let zero_to = end.min(page_end);
@@ -313,6 +316,7 @@ pub fn encrypt_for_write(
 pub fn decrypt_after_read(
     buf: &mut [u8],
     start: u64,
+    file_tli: u32,
     keys: &KeyRanges,
     from_file: &mut dyn FnMut(u64) -> Result<[u8; HEADER_PREFIX]>,
 ) -> Result<()> {
@@ -324,7 +328,7 @@ pub fn decrypt_after_read(
         let body = page + header_len(info);
         // A flagged page has at least one byte under a key; bytes under no
         // key are the plaintext prefix written before encryption began.
-        if !any_key(keys, body, page + WAL_PAGE_SIZE) {
+        if !any_key(keys, file_tli, body, page + WAL_PAGE_SIZE) {
             return Err(TdeError::NotFound(format!(
                 "no WAL key covers the encrypted WAL page at {:X}/{:X}",
                 page >> 32,
@@ -334,7 +338,7 @@ pub fn decrypt_after_read(
         let from = start.max(body);
         let to = end.min(page + WAL_PAGE_SIZE);
         if from < to {
-            apply_ranges(buf, start, from, to, tli, keys);
+            apply_ranges(buf, start, from, to, tli, file_tli, keys);
         }
         set_flag(buf, start, page, false);
         Ok(())
@@ -468,21 +472,21 @@ mod tests {
         plain.extend(page(start + WAL_PAGE_SIZE, 3, false, 0xCD));
         let valid_upto = start + WAL_PAGE_SIZE + 1000;
         let mut disk = plain.clone();
-        encrypt_for_write(&mut disk, start, valid_upto, &keys, &mut |_| panic!("header is in the buffer")).unwrap();
+        encrypt_for_write(&mut disk, start, valid_upto, 1, &keys, &mut |_| panic!("header is in the buffer")).unwrap();
         // headers stay readable (flag set), bodies are not plaintext, the tail is zero
         assert_eq!(&disk[8..16], &plain[8..16]);
         assert_ne!(u16::from_le_bytes([disk[2], disk[3]]) & XLP_TDE_ENCRYPTED, 0);
         assert!(!disk[40..8192].windows(8).any(|w| w == [0xAB; 8]));
         assert!(disk[(valid_upto - start) as usize..].iter().all(|&b| b == 0));
         let mut back = disk.clone();
-        decrypt_after_read(&mut back, start, &keys, &mut |_| panic!("in buffer")).unwrap();
+        decrypt_after_read(&mut back, start, 1, &keys, &mut |_| panic!("in buffer")).unwrap();
         let valid = (valid_upto - start) as usize;
         assert_eq!(back[..valid], plain[..valid]);
         assert_eq!(u16::from_le_bytes([back[2], back[3]]) & XLP_TDE_ENCRYPTED, 0);
         // a read starting mid-page gets the header from the file
         let mut part = disk[5000..9000].to_vec();
         let disk_ref = disk.clone();
-        decrypt_after_read(&mut part, start + 5000, &keys, &mut |p| {
+        decrypt_after_read(&mut part, start + 5000, 1, &keys, &mut |p| {
             let o = (p - start) as usize;
             Ok(disk_ref[o..o + HEADER_PREFIX].try_into().unwrap())
         })
@@ -498,7 +502,7 @@ mod tests {
         let c = std::sync::Arc::new(WalCipher::new(&[5u8; 16], &[1u8; 16]).unwrap());
         let plain = page(8192, 1, false, 0x11);
         let mut buf = plain.clone();
-        decrypt_after_read(&mut buf, 8192, &one_key(&c), &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut buf, 8192, 1, &one_key(&c), &mut |_| unreachable!()).unwrap();
         assert_eq!(buf, plain);
     }
 
@@ -511,36 +515,36 @@ mod tests {
         let boundary = start + 3000;
         // Old run: only the old key, data final up to the boundary.
         let mut first = plain.clone();
-        encrypt_for_write(&mut first, start, boundary, &one_key(&old), &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut first, start, boundary, 1, &one_key(&old), &mut |_| unreachable!()).unwrap();
         // New run with a key starting exactly at the boundary: the prefix keeps its old bytes.
         let mut keys = one_key(&old);
         keys.push(boundary, u64::MAX, Some(new.clone()));
         let mut second = plain.clone();
-        encrypt_for_write(&mut second, start, start + WAL_PAGE_SIZE, &keys, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut second, start, start + WAL_PAGE_SIZE, 1, &keys, &mut |_| unreachable!()).unwrap();
         assert_eq!(first[..3000], second[..3000], "a lost rewrite leaves the same prefix");
         let mut back = second.clone();
-        decrypt_after_read(&mut back, start, &keys, &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut back, start, 1, &keys, &mut |_| unreachable!()).unwrap();
         assert_eq!(back[24..], plain[24..]);
         // Switching encryption off: a null key from the boundary on.
         let mut off = one_key(&old);
         off.push(boundary, u64::MAX, None);
         let mut third = plain.clone();
-        encrypt_for_write(&mut third, start, start + WAL_PAGE_SIZE, &off, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut third, start, start + WAL_PAGE_SIZE, 1, &off, &mut |_| unreachable!()).unwrap();
         assert_eq!(first[..3000], third[..3000], "the encrypted prefix stays encrypted");
         assert_eq!(third[3000..], plain[3000..], "the rest is plaintext");
         let mut back = third.clone();
-        decrypt_after_read(&mut back, start, &off, &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut back, start, 1, &off, &mut |_| unreachable!()).unwrap();
         assert_eq!(back[24..], plain[24..]);
         // A page wholly under the null key is written as it is, unflagged.
         let later = page(start + WAL_PAGE_SIZE, 1, false, 0x55);
         let mut w = later.clone();
-        encrypt_for_write(&mut w, start + WAL_PAGE_SIZE, start + 2 * WAL_PAGE_SIZE, &off, &mut |_| unreachable!())
+        encrypt_for_write(&mut w, start + WAL_PAGE_SIZE, start + 2 * WAL_PAGE_SIZE, 1, &off, &mut |_| unreachable!())
             .unwrap();
         assert_eq!(w, later);
         // Reading a flagged page without its keys is an error, not garbage.
         let none = KeyRanges::default();
         assert!(matches!(
-            decrypt_after_read(&mut second.clone(), start, &none, &mut |_| unreachable!()),
+            decrypt_after_read(&mut second.clone(), start, 1, &none, &mut |_| unreachable!()),
             Err(TdeError::NotFound(_))
         ));
     }
@@ -554,11 +558,11 @@ mod tests {
         keys.push(start + 2000, u64::MAX, Some(k));
         let plain = page(start, 1, false, 0x31);
         let mut disk = plain.clone();
-        encrypt_for_write(&mut disk, start, start + WAL_PAGE_SIZE, &keys, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut disk, start, start + WAL_PAGE_SIZE, 1, &keys, &mut |_| unreachable!()).unwrap();
         assert_eq!(disk[24..2000], plain[24..2000]);
         assert_ne!(disk[2000..2100], plain[2000..2100]);
         let mut back = disk.clone();
-        decrypt_after_read(&mut back, start, &keys, &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut back, start, 1, &keys, &mut |_| unreachable!()).unwrap();
         assert_eq!(back[24..], plain[24..]);
     }
 
@@ -572,14 +576,14 @@ mod tests {
         plain.extend(page(start + WAL_PAGE_SIZE, 2, false, 0x43));
         let end = start + plain.len() as u64;
         let mut whole = plain.clone();
-        encrypt_for_write(&mut whole, start, end, &keys, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut whole, start, end, 1, &keys, &mut |_| unreachable!()).unwrap();
         let mut disk = vec![0u8; plain.len()];
         for cut in [[0usize, 10, 5000, 8195, 16384], [0, 3, 4, 8200, 16384]] {
             for w in cut.windows(2) {
                 let (a, b) = (w[0], w[1]);
                 let mut chunk = plain[a..b].to_vec();
                 let snapshot = disk.clone();
-                encrypt_for_write(&mut chunk, start + a as u64, end, &keys, &mut |p| {
+                encrypt_for_write(&mut chunk, start + a as u64, end, 1, &keys, &mut |p| {
                     let o = (p - start) as usize;
                     Ok(snapshot[o..o + HEADER_PREFIX].try_into().unwrap())
                 })
@@ -596,17 +600,17 @@ mod tests {
         let old = one_key(&c);
         // a page written at 8192 under a key, then found at 3 * 8192 in a recycled file
         let mut stale = page(8192, 1, false, 0x5a);
-        encrypt_for_write(&mut stale, 8192, 2 * 8192, &old, &mut |_| unreachable!()).unwrap();
+        encrypt_for_write(&mut stale, 8192, 2 * 8192, 1, &old, &mut |_| unreachable!()).unwrap();
         let flagged = stale.clone();
         // encryption was switched off since: a null key covers the position
         let mut off = KeyRanges::default();
         off.push(0, u64::MAX, Some(c.clone()));
         off.push(2 * 8192, u64::MAX, None);
-        decrypt_after_read(&mut stale, 3 * 8192, &off, &mut |_| unreachable!()).unwrap();
+        decrypt_after_read(&mut stale, 3 * 8192, 1, &off, &mut |_| unreachable!()).unwrap();
         assert_eq!(stale, flagged, "a stale page must reach PostgreSQL's header check unchanged");
         // at its own address the same page is still an error without a key
         let mut own = flagged.clone();
         let none = KeyRanges::default();
-        assert!(decrypt_after_read(&mut own, 8192, &none, &mut |_| unreachable!()).is_err());
+        assert!(decrypt_after_read(&mut own, 8192, 1, &none, &mut |_| unreachable!()).is_err());
     }
 }

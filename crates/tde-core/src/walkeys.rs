@@ -268,6 +268,25 @@ pub fn read_all(path: &Path, wrapping: &Wrapping) -> Result<Vec<WalKey>> {
     }
 }
 
+/// The keys of the records from byte `from` on (a multiple of the record
+/// size), and where the next read should start: for the processes that reload
+/// keys when the file grows, which then unwrap only the new records.
+pub fn read_from(path: &Path, wrapping: &Wrapping, from: u64) -> Result<(Vec<WalKey>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(TdeError::io(format!("could not open WAL key file \"{}\"", path.display()), e)),
+    };
+    let mut data = Vec::new();
+    f.seek(SeekFrom::Start(from))
+        .and_then(|_| f.read_to_end(&mut data))
+        .map_err(|e| TdeError::io(format!("could not read WAL key file \"{}\"", path.display()), e))?;
+    // A torn record at the end is read again once the next append pads it.
+    let whole = data.len() / RECORD_SIZE * RECORD_SIZE;
+    Ok((parse(path, &data[..whole], wrapping)?, from + whole as u64))
+}
+
 fn parse(path: &Path, data: &[u8], wrapping: &Wrapping) -> Result<Vec<WalKey>> {
     let mut keys = Vec::new();
     for rec in data.chunks_exact(RECORD_SIZE) {
@@ -285,19 +304,16 @@ fn parse(path: &Path, data: &[u8], wrapping: &Wrapping) -> Result<Vec<WalKey>> {
         let created_unix_secs = u64_at(16) as i64;
         let end_lsn = u64_at(24);
         let len = u32::from_le_bytes(rec[32..36].try_into().unwrap_or_default()) as usize;
-        let (at, timeline) =
-            if v2 { (WRAPPED_V2, u32::from_le_bytes(rec[36..40].try_into().unwrap_or_default())) } else { (WRAPPED_V1, 0) };
+        let (at, timeline) = if v2 {
+            (WRAPPED_V2, u32::from_le_bytes(rec[36..40].try_into().unwrap_or_default()))
+        } else {
+            (WRAPPED_V1, 0)
+        };
         if len > CRC_AT - at {
             continue;
         }
-        let mut key = WalKey {
-            start_lsn,
-            end_lsn,
-            timeline,
-            created_unix_secs,
-            key: Zeroizing::new(Vec::new()),
-            base: [0; 16],
-        };
+        let mut key =
+            WalKey { start_lsn, end_lsn, timeline, created_unix_secs, key: Zeroizing::new(Vec::new()), base: [0; 16] };
         if len > 0 {
             let wrapped = &rec[at..at + len];
             let plain = if v2 {
@@ -323,69 +339,128 @@ fn parse(path: &Path, data: &[u8], wrapping: &Wrapping) -> Result<Vec<WalKey>> {
     Ok(keys)
 }
 
-/// Index of the key for WAL at `lsn`: the last-created key whose range holds it.
-pub fn key_index_for(keys: &[WalKey], lsn: u64) -> Option<usize> {
-    keys.iter().rposition(|k| k.start_lsn <= lsn && lsn < k.end_lsn)
+/// Index of the key for WAL at `lsn` of a segment file of timeline `tli`
+/// (see [`KeyRanges::lookup`] for the rule).
+pub fn key_index_for(keys: &[WalKey], tli: u32, lsn: u64) -> Option<usize> {
+    keys.iter()
+        .enumerate()
+        .filter(|(_, k)| k.start_lsn <= lsn && lsn < k.end_lsn && k.timeline <= tli)
+        .max_by_key(|(i, k)| (k.timeline, *i))
+        .map(|(i, _)| i)
 }
 
-/// WAL keys ready for use: ranges in creation order, `None` for null keys.
+/// One WAL key ready for use.
+#[derive(Clone)]
+struct Range {
+    start: u64,
+    end: u64,
+    timeline: u32,
+    /// `None`: a null key (plaintext in its range).
+    cipher: Option<std::sync::Arc<crate::wal::WalCipher>>,
+}
+
+/// WAL keys ready for use, indexed for lookups by position.
+///
+/// The key of WAL at LSN `l` in a segment file of timeline `t` is, among the
+/// keys whose range holds `l` and whose timeline is at most `t` (0: any), the
+/// one of the highest timeline, and of those the last created.  A server
+/// process takes a new key for each timeline it writes; the part of a segment
+/// that a new timeline's file copies from its parent timeline's file keeps the
+/// parent's key.  Lookups cost O(log n) plus the keys that cover the position:
+/// the keys of restored segments, one per segment, do not slow down the reading
+/// of other WAL.
 #[derive(Default, Clone)]
 pub struct KeyRanges {
-    ranges: Vec<(u64, u64, Option<std::sync::Arc<crate::wal::WalCipher>>)>,
+    /// In creation order.
+    ranges: Vec<Range>,
+    /// Indexes of the bounded ranges, sorted by start.
+    bounded: Vec<usize>,
+    /// Indexes of the open-ended ranges (one per server process role and
+    /// incarnation: few).
+    open: Vec<usize>,
+    /// Longest bounded range.
+    max_len: u64,
 }
 
 impl KeyRanges {
     pub fn from_keys(keys: &[WalKey]) -> Result<Self> {
-        let ranges = keys
-            .iter()
-            .map(|k| {
-                let c = if k.key.is_empty() {
-                    None
-                } else {
-                    Some(std::sync::Arc::new(crate::wal::WalCipher::new(&k.key, &k.base)?))
-                };
-                Ok((k.start_lsn, k.end_lsn, c))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KeyRanges { ranges })
+        let mut r = KeyRanges::default();
+        r.extend(keys)?;
+        Ok(r)
     }
 
+    /// Add keys created after those already held.
+    pub fn extend(&mut self, keys: &[WalKey]) -> Result<()> {
+        for k in keys {
+            let c = if k.key.is_empty() {
+                None
+            } else {
+                Some(std::sync::Arc::new(crate::wal::WalCipher::new(&k.key, &k.base)?))
+            };
+            self.push_range(k.start_lsn, k.end_lsn, k.timeline, c);
+        }
+        Ok(())
+    }
+
+    /// Add one key (timeline 0: any).
     pub fn push(&mut self, start: u64, end: u64, cipher: Option<std::sync::Arc<crate::wal::WalCipher>>) {
-        self.ranges.push((start, end, cipher));
+        self.push_range(start, end, 0, cipher);
+    }
+
+    fn push_range(
+        &mut self,
+        start: u64,
+        end: u64,
+        timeline: u32,
+        cipher: Option<std::sync::Arc<crate::wal::WalCipher>>,
+    ) {
+        let idx = self.ranges.len();
+        self.ranges.push(Range { start, end, timeline, cipher });
+        if end == u64::MAX {
+            self.open.push(idx);
+        } else {
+            let at = self.bounded.partition_point(|&i| self.ranges[i].start <= start);
+            self.bounded.insert(at, idx);
+            self.max_len = self.max_len.max(end.saturating_sub(start));
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
 
-    /// The key for WAL at `lsn` (`None`: plaintext, or no key covers it) and
-    /// the next LSN at which the answer may change.
-    pub fn lookup(&self, lsn: u64) -> (Option<std::sync::Arc<crate::wal::WalCipher>>, u64) {
-        let idx = self.ranges.iter().rposition(|(s, e, _)| *s <= lsn && lsn < *e);
-        // The answer changes where the chosen range ends or a later-created range begins.
-        let (from, mut next, cipher) = match idx {
-            Some(i) => (i + 1, self.ranges[i].1, self.ranges[i].2.clone()),
-            None => (0, u64::MAX, None),
-        };
-        for (s, _, _) in &self.ranges[from..] {
-            if *s > lsn && *s < next {
-                next = *s;
-            }
-        }
-        if idx.is_none() {
-            // No range covers lsn: it may start being covered at any range start after it.
-            for (s, _, _) in &self.ranges {
-                if *s > lsn && *s < next {
-                    next = *s;
-                }
-            }
-        }
-        (cipher, next)
+    pub fn len(&self) -> usize {
+        self.ranges.len()
     }
 
-    /// Whether any WAL key covers LSN `lsn` (a null key counts).
-    pub fn covers(&self, lsn: u64) -> bool {
-        self.ranges.iter().any(|(s, e, _)| *s <= lsn && lsn < *e)
+    /// The key for WAL at `lsn` in a segment file of timeline `tli` (`None`:
+    /// plaintext, or no key covers it) and the next LSN at which the answer
+    /// may change.
+    pub fn lookup(&self, tli: u32, lsn: u64) -> (Option<std::sync::Arc<crate::wal::WalCipher>>, u64) {
+        let eligible = |i: usize| {
+            let r = &self.ranges[i];
+            r.start <= lsn && lsn < r.end && r.timeline <= tli
+        };
+        let lo = self.bounded.partition_point(|&i| self.ranges[i].start < lsn.saturating_sub(self.max_len));
+        let hi = self.bounded.partition_point(|&i| self.ranges[i].start <= lsn);
+        let best = self.bounded[lo..hi]
+            .iter()
+            .chain(self.open.iter())
+            .copied()
+            .filter(|&i| eligible(i))
+            .max_by_key(|&i| (self.ranges[i].timeline, i));
+        // The answer may change where the chosen range ends or any range begins.
+        let mut next = best.map_or(u64::MAX, |i| self.ranges[i].end);
+        if let Some(&i) = self.bounded.get(hi) {
+            next = next.min(self.ranges[i].start);
+        }
+        for &i in &self.open {
+            let s = self.ranges[i].start;
+            if s > lsn && s < next {
+                next = s;
+            }
+        }
+        (best.and_then(|i| self.ranges[i].cipher.clone()), next)
     }
 }
 
@@ -415,13 +490,16 @@ mod tests {
         append(&path, &sk, &key(3000, 3)).unwrap(); // a restarted standby re-receiving from earlier
         let keys = read_all(&path, &sk).unwrap();
         assert_eq!(keys.len(), 3);
-        assert_eq!(key_index_for(&keys, 500), None);
-        assert_eq!(key_index_for(&keys, 1000), Some(0));
-        assert_eq!(key_index_for(&keys, 4000), Some(2));
-        assert_eq!(key_index_for(&keys, 9000), Some(2));
+        assert_eq!(key_index_for(&keys, 1, 500), None);
+        assert_eq!(key_index_for(&keys, 1, 1000), Some(0));
+        assert_eq!(key_index_for(&keys, 1, 4000), Some(2));
+        assert_eq!(key_index_for(&keys, 1, 9000), Some(2));
         assert_eq!(*keys[1].key, vec![2u8; 16]);
         // wrong server key: refused
-        assert!(matches!(read_all(&path, &Wrapping { kek: None, server_key: Zeroizing::new(vec![8u8; 32]) }), Err(TdeError::Decrypt(_))));
+        assert!(matches!(
+            read_all(&path, &Wrapping { kek: None, server_key: Zeroizing::new(vec![8u8; 32]) }),
+            Err(TdeError::Decrypt(_))
+        ));
         // a torn append is skipped, and the next append stays aligned
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[1, 2, 3]).unwrap();
@@ -434,18 +512,18 @@ mod tests {
         // a bounded key (a restored segment) covers its range only
         append(&path, &sk, &WalKey { end_lsn: 2000, ..key(1500, 5) }).unwrap();
         let keys = read_all(&path, &sk).unwrap();
-        assert_eq!(key_index_for(&keys, 1600), Some(4));
-        assert_eq!(key_index_for(&keys, 2000), Some(0));
-        assert_eq!(key_index_for(&keys, 8000), Some(3));
+        assert_eq!(key_index_for(&keys, 1, 1600), Some(4));
+        assert_eq!(key_index_for(&keys, 1, 2000), Some(0));
+        assert_eq!(key_index_for(&keys, 1, 8000), Some(3));
         // null keys: plaintext from their start on
         append(&path, &sk, &WalKey { key: Zeroizing::new(Vec::new()), ..key(9000, 0) }).unwrap();
         let keys = read_all(&path, &sk).unwrap();
         let ranges = KeyRanges::from_keys(&keys).unwrap();
-        assert!(ranges.lookup(9500).0.is_none());
-        let (k, next) = ranges.lookup(8000);
+        assert!(ranges.lookup(1, 9500).0.is_none());
+        let (k, next) = ranges.lookup(1, 8000);
         assert!(k.is_some());
         assert_eq!(next, 9000);
-        assert_eq!(ranges.lookup(1600).1, 2000);
+        assert_eq!(ranges.lookup(1, 1600).1, 2000);
     }
 
     #[test]
@@ -488,5 +566,63 @@ mod tests {
         data[RECORD_SIZE + CRC_AT..2 * RECORD_SIZE].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&path, &data).unwrap();
         assert!(matches!(read_all(&path, &after), Err(TdeError::Decrypt(_))));
+    }
+
+    fn cipher(b: u8) -> Option<std::sync::Arc<crate::wal::WalCipher>> {
+        Some(std::sync::Arc::new(crate::wal::WalCipher::new(&[b; 16], &[b; 16]).unwrap()))
+    }
+
+    fn same(
+        a: &Option<std::sync::Arc<crate::wal::WalCipher>>,
+        b: &Option<std::sync::Arc<crate::wal::WalCipher>>,
+    ) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn keys_are_bound_to_the_timeline_of_their_files() {
+        let (r1, r2, w3) = (cipher(1), cipher(2), cipher(3));
+        let mut k = KeyRanges::default();
+        k.push_range(1000, u64::MAX, 1, r1.clone()); // receiver on timeline 1
+        k.push_range(4000, u64::MAX, 2, r2.clone()); // receiver again, on timeline 2, from the segment start
+        k.push_range(6000, u64::MAX, 3, w3.clone()); // promoted: writer on timeline 3
+                                                     // timeline 1's file keeps its key past the point where timeline 2 began
+        assert!(same(&k.lookup(1, 5000).0, &r1));
+        assert_eq!(k.lookup(1, 5000).1, 6000, "a later range start may change the answer");
+        // timeline 2's file: its own key, and its parent's before it began
+        assert!(same(&k.lookup(2, 5000).0, &r2));
+        assert!(same(&k.lookup(2, 3000).0, &r1));
+        // timeline 3's file: the prefix copied from timeline 2's file keeps timeline 2's key
+        assert!(same(&k.lookup(3, 5000).0, &r2));
+        assert!(same(&k.lookup(3, 7000).0, &w3));
+        assert!(k.lookup(1, 500).0.is_none());
+    }
+
+    #[test]
+    fn restored_segments_of_two_timelines_keep_their_own_keys() {
+        let seg = 16u64 << 20;
+        let mut k = KeyRanges::default();
+        let mut expect = Vec::new();
+        // thousands of restored segments, one key each
+        for i in 0..5000u64 {
+            let c = cipher((i % 250) as u8 + 1);
+            k.push_range(i * seg, (i + 1) * seg, 1, c.clone());
+            expect.push(c);
+        }
+        let t2 = cipher(251);
+        k.push_range(4000 * seg, 4001 * seg, 2, t2.clone()); // the same segment of timeline 2
+        k.push_range(4000 * seg + 100, u64::MAX, 2, cipher(252)); // the promoted writer
+        for i in [0u64, 1, 2500, 3999, 4000, 4999] {
+            assert!(same(&k.lookup(1, i * seg + 7).0, &expect[i as usize]), "segment {i}");
+        }
+        assert!(same(&k.lookup(2, 4000 * seg + 7).0, &t2));
+        let (c, next) = k.lookup(1, 17);
+        assert!(same(&c, &expect[0]));
+        assert_eq!(next, seg);
+        assert_eq!(k.len(), 5002);
     }
 }

@@ -24,8 +24,7 @@ pub fn data_dir(arg: Option<PathBuf>) -> PathBuf {
 /// key-encryption key that the map holds.
 pub fn wal_wrapping(datadir: &Path) -> Result<Wrapping, String> {
     let tde = datadir.join("pg_tde");
-    let (header, entries) =
-        keymap::read(&tde.join("server_key")).map_err(|e| format!("no usable server key: {e}"))?;
+    let (header, entries) = keymap::read(&tde.join("server_key")).map_err(|e| format!("no usable server key: {e}"))?;
     let catalog = ProviderCatalog::load(&tde.join("providers.json")).map_err(|e| e.to_string())?;
     let rec = catalog
         .by_id(header.principal.provider_id)
@@ -71,15 +70,20 @@ pub fn parse_segment_name(name: &str, seg_size: u64) -> Result<(u32, u64), Strin
 }
 
 /// Decrypt a whole WAL segment in memory (pages that are not encrypted are left as they are).
-pub fn decrypt_segment(data: &mut [u8], segno: u64, seg_size: u64, keys: &WalKeyring) -> Result<(), String> {
+/// `tli` is the segment file's timeline (from its name).
+pub fn decrypt_segment(data: &mut [u8], tli: u32, segno: u64, seg_size: u64, keys: &WalKeyring) -> Result<(), String> {
     let start = segno * seg_size;
-    wal::decrypt_after_read(data, start, &keys.ranges, &mut |_| Ok([0u8; HEADER_PREFIX])).map_err(|e| e.to_string())
+    wal::decrypt_after_read(data, start, tli, &keys.ranges, &mut |_| Ok([0u8; HEADER_PREFIX]))
+        .map_err(|e| e.to_string())
 }
 
 /// Encrypt a whole plaintext WAL segment with a new key valid for exactly this
-/// segment's LSN range, recorded in the data directory's WAL key file first.
+/// segment's LSN range and timeline (`tli`, from its name), recorded in the
+/// data directory's WAL key file first.  Restoring the same segment again, or
+/// the same LSN range of another timeline, takes another new key.
 pub fn encrypt_segment(
     data: &mut [u8],
+    tli: u32,
     segno: u64,
     seg_size: u64,
     datadir: &Path,
@@ -87,7 +91,10 @@ pub fn encrypt_segment(
 ) -> Result<(), String> {
     let start = segno * seg_size;
     let (key, base) = wal::generate_key(wrapping.wal_key_len()).map_err(|e| e.to_string())?;
-    let record = WalKey { start_lsn: start, end_lsn: start + seg_size, timeline: 0, created_unix_secs: now(), key, base };
+    // A data directory whose server key map predates the key-encryption key
+    // keeps writing records of the old format, which carry no timeline.
+    let timeline = if wrapping.has_kek() { tli } else { 0 };
+    let record = WalKey { start_lsn: start, end_lsn: start + seg_size, timeline, created_unix_secs: now(), key, base };
     walkeys::append(&datadir.join("pg_tde/wal_keys"), wrapping, &record).map_err(|e| e.to_string())?;
     let mut ranges = KeyRanges::default();
     ranges.push(
@@ -104,7 +111,7 @@ pub fn encrypt_segment(
         let magic = u16::from_le_bytes([data[off], data[off + 1]]);
         if magic != 0 {
             let chunk = &mut data[off..off + len];
-            wal::encrypt_for_write(chunk, page, page + len as u64, &ranges, &mut |_| Ok([0u8; HEADER_PREFIX]))
+            wal::encrypt_for_write(chunk, page, page + len as u64, tli, &ranges, &mut |_| Ok([0u8; HEADER_PREFIX]))
                 .map_err(|e| e.to_string())?;
         }
         page += wal::WAL_PAGE_SIZE;

@@ -23,10 +23,10 @@ fn run(argv: &[String]) -> Result<(), String> {
     let mut data = std::fs::read(&src).map_err(|e| format!("cannot read \"{}\": {e}", src.display()))?;
     // Only segments carry WAL pages; history and backup-label files are copied as they are.
     let seg_size = segment_size_of(data.len() as u64);
-    if let Ok((_, segno)) = parse_segment_name(fname, seg_size) {
+    if let Ok((tli, segno)) = parse_segment_name(fname, seg_size) {
         let sk = wal_wrapping(&datadir)?;
         let keys = WalKeyring::load(&datadir, &sk)?;
-        decrypt_segment(&mut data, segno, seg_size, &keys)?;
+        decrypt_segment(&mut data, tli, segno, seg_size, &keys)?;
     }
     let tmpdir = datadir.join("pg_tde");
     let tmp = tmpdir.join(format!("archive.{}.{fname}", std::process::id()));

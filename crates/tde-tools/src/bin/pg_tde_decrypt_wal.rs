@@ -37,8 +37,8 @@ fn run(argv: &[String]) -> Result<(), String> {
         let name = f.file_name().and_then(|n| n.to_str()).ok_or("bad file name")?.to_string();
         let mut data = std::fs::read(&f).map_err(|e| format!("cannot read \"{}\": {e}", f.display()))?;
         let seg_size = segment_size_of(data.len() as u64);
-        let (_, segno) = parse_segment_name(&name, seg_size)?;
-        decrypt_segment(&mut data, segno, seg_size, &keys)?;
+        let (tli, segno) = parse_segment_name(&name, seg_size)?;
+        decrypt_segment(&mut data, tli, segno, seg_size, &keys)?;
         std::fs::write(out.join(&name), &data).map_err(|e| format!("cannot write: {e}"))?;
     }
     Ok(())

@@ -12,7 +12,9 @@
 
 use std::process::ExitCode;
 
-use tde_tools::{encrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, wal_wrapping, wrapper_args};
+use tde_tools::{
+    encrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, wal_wrapping, wrapper_args,
+};
 
 fn run(argv: &[String]) -> Result<(), String> {
     let (datadir, fname, path, command) =
@@ -24,9 +26,9 @@ fn run(argv: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_file(&tmp);
     let data = data.as_mut().map_err(|e| e.clone())?;
     let seg_size = segment_size_of(data.len() as u64);
-    if let Ok((_, segno)) = parse_segment_name(fname, seg_size) {
+    if let Ok((tli, segno)) = parse_segment_name(fname, seg_size) {
         let sk = wal_wrapping(&datadir)?;
-        encrypt_segment(data, segno, seg_size, &datadir, &sk)?;
+        encrypt_segment(data, tli, segno, seg_size, &datadir, &sk)?;
     }
     let dst = datadir.join(path);
     std::fs::write(&dst, &data).map_err(|e| format!("cannot write \"{}\": {e}", dst.display()))
