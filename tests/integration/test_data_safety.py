@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BIN, Cluster, SQLError, chown, setup_encryption
+from cluster import BIN, Cluster, SQLError, chown, make_dir, setup_encryption
 from test_replication import dboid, digest, make_standby, wait_for_replay
 import struct
 
@@ -508,3 +508,72 @@ def test_new_timeline_never_reuses_the_keystream_of_the_old_one(clusters, keyrin
     assert same_plain > 8192, "the two timelines' files share too little WAL to compare"
     # with independent keys, equal bytes come by chance (1/256)
     assert same_cipher < same_plain // 20, f"{same_cipher} of {same_plain} shared bytes encrypted alike: keystream reused"
+
+
+# ---------------------------------------------------------------------------
+# Case 10: the archive and restore wrappers
+
+
+def test_killed_archive_wrapper_leaves_no_plaintext_in_the_data_directory(clusters, keyring, tmp_path):
+    from run_as import as_user
+    p = new_cluster(clusters, "wrap-kill", keyring, wal_encrypt=True)
+    m = "MARKER_WRAPPER_KILLED"
+    p.sql("SELECT pg_switch_wal()")
+    p.sql(f"CREATE TABLE k (v text); INSERT INTO k SELECT '{m}' || g FROM generate_series(1, 300) g")
+    seg = p.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    p.sql("SELECT pg_switch_wal()")
+    tmpdir = make_dir("wrapper-tmp")
+    tool = str(TOOLS / "pg_tde_archive_decrypt")
+    # The wrapped command kills the wrapper while the decrypted copy exists.
+    r = subprocess.run(as_user(["env", f"PG_TDE_TMPDIR={tmpdir}", tool, "-D", str(p.datadir), seg, f"pg_wal/{seg}",
+                                "kill -9 $PPID"]), capture_output=True, text=True)
+    assert r.returncode != 0
+    leftovers = [f for f in tmpdir.rglob("*") if f.is_file()]
+    assert leftovers and m.encode() in leftovers[0].read_bytes(), "the copy the command works on is plaintext"
+    for f in p.datadir.rglob("*"):
+        if f.is_file():
+            assert m.encode() not in f.read_bytes(), f"plaintext WAL in the data directory: {f}"
+    # the next run removes what the killed one left
+    r = subprocess.run(as_user(["env", f"PG_TDE_TMPDIR={tmpdir}", tool, "-D", str(p.datadir), seg, f"pg_wal/{seg}",
+                                "true"]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not [f for f in tmpdir.rglob("*") if f.is_file()]
+    # a temporary directory inside the data directory is refused
+    inside = p.datadir / "pg_tde"
+    r = subprocess.run(as_user(["env", f"PG_TDE_TMPDIR={inside}", tool, "-D", str(p.datadir), seg, f"pg_wal/{seg}",
+                                "true"]), capture_output=True, text=True)
+    assert r.returncode != 0 and "inside the data directory" in r.stderr, r.stderr
+
+
+def test_concurrent_restores_append_whole_key_records(clusters, keyring, tmp_path):
+    from run_as import as_user
+    p = new_cluster(clusters, "wrap-conc", keyring, wal_encrypt=True)
+    p.sql("SELECT pg_switch_wal()")
+    p.sql("CREATE TABLE k (v text); INSERT INTO k SELECT 'x' || g FROM generate_series(1, 300) g")
+    seg = p.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+    p.sql("SELECT pg_switch_wal()")
+    plain = make_dir("plain")
+    r = subprocess.run(as_user([str(TOOLS / "pg_tde_decrypt_wal"), "-D", str(p.datadir), "-o", str(plain),
+                                str(p.datadir / "pg_wal" / seg)]), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    keys = p.datadir / "pg_tde" / "wal_keys"
+    before = keys.stat().st_size
+    out = make_dir("restored")
+    n = 8
+    procs = [subprocess.Popen(as_user([str(TOOLS / "pg_tde_restore_encrypt"), "-D", str(p.datadir), seg,
+                                       str(out / f"{i}"), f"cp {plain}/%f %p"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(n)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err
+    data = keys.read_bytes()
+    assert len(data) == before + n * 256, (before, len(data))
+    assert all(data[i:i + 8] == b"PGTDEWK\x02" for i in range(0, len(data), 256))
+    # every restored copy is encrypted with one of the new keys, and the
+    # server still reads all its keys
+    for i in range(n):
+        assert b"x299" not in (out / f"{i}").read_bytes()
+    p.restart()
+    p.sql("INSERT INTO k VALUES ('after')")
+    assert p.sql("SELECT count(*) FROM k") == "301"

@@ -155,6 +155,84 @@ pub fn exit_with(tool: &str, result: Result<(), String>) -> std::process::ExitCo
     }
 }
 
+/// A private directory (mode 0700) for the plaintext copy of a WAL file that a
+/// wrapped archive or restore command works on.  Never inside the data
+/// directory, which base backups and standbys copy: under `$PG_TDE_TMPDIR`,
+/// else `/dev/shm` (memory) when there is one, else the system's temporary
+/// directory.  Removed when dropped; what a killed run left behind is removed
+/// by the next run, and so are the copies that earlier versions kept in
+/// `$PGDATA/pg_tde`.
+pub struct PrivateTmp {
+    dir: PathBuf,
+}
+
+impl PrivateTmp {
+    pub fn new(tool: &str, datadir: &Path) -> Result<PrivateTmp, String> {
+        let base = match std::env::var_os("PG_TDE_TMPDIR") {
+            Some(d) => PathBuf::from(d),
+            None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+            None => std::env::temp_dir(),
+        };
+        let base = base.canonicalize().map_err(|e| format!("temporary directory \"{}\": {e}", base.display()))?;
+        if let Ok(data) = datadir.canonicalize() {
+            if base.starts_with(&data) {
+                return Err(format!(
+                    "temporary directory \"{}\" is inside the data directory: plaintext WAL would be copied by base backups",
+                    base.display()
+                ));
+            }
+        }
+        let prefix = format!("pg_tde-{tool}-");
+        remove_leftovers(&base, &prefix);
+        remove_legacy_copies(datadir);
+        let dir = base.join(format!("{prefix}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create \"{}\": {e}", dir.display()))?;
+        Ok(PrivateTmp { dir })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for PrivateTmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Directories `<prefix><pid>` of runs whose process is gone.
+fn remove_leftovers(base: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Plaintext copies that earlier versions of the wrappers wrote into
+/// `$PGDATA/pg_tde` (`archive.<pid>.<file>`, `restore.<pid>.<file>`).
+fn remove_legacy_copies(datadir: &Path) {
+    let Ok(entries) = std::fs::read_dir(datadir.join("pg_tde")) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("archive.") || name.starts_with("restore.") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Run a shell command (archive/restore commands are shell strings).
 pub fn run_shell(cmd: &str) -> Result<(), String> {
     let status = std::process::Command::new("/bin/sh").arg("-c").arg(cmd).status().map_err(|e| e.to_string())?;

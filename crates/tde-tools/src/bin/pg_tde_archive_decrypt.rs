@@ -8,12 +8,16 @@
 //! In the wrapped command `%p` is the decrypted copy's path and `%f` the file
 //! name.  Runs in the data directory (or `-D DATADIR`).  The archive then holds
 //! plaintext WAL: protect it accordingly, or encrypt it in the archive tool.
+//! The decrypted copy lives outside the data directory, in a private
+//! directory under `$PG_TDE_TMPDIR`, `/dev/shm` or the system's temporary
+//! directory, while the command runs.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use tde_tools::{
-    decrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, wal_wrapping, wrapper_args, WalKeyring,
+    decrypt_segment, exit_with, parse_segment_name, run_shell, segment_size_of, wal_wrapping, wrapper_args, PrivateTmp,
+    WalKeyring,
 };
 
 fn run(argv: &[String]) -> Result<(), String> {
@@ -28,13 +32,11 @@ fn run(argv: &[String]) -> Result<(), String> {
         let keys = WalKeyring::load(&datadir, &sk)?;
         decrypt_segment(&mut data, tli, segno, seg_size, &keys)?;
     }
-    let tmpdir = datadir.join("pg_tde");
-    let tmp = tmpdir.join(format!("archive.{}.{fname}", std::process::id()));
+    let tmpdir = PrivateTmp::new("archive", &datadir)?;
+    let tmp = tmpdir.path(fname);
     std::fs::write(&tmp, &data).map_err(|e| format!("cannot write \"{}\": {e}", tmp.display()))?;
     let cmd = command.replace("%p", &tmp.display().to_string()).replace("%f", fname);
-    let result = run_shell(&cmd);
-    let _ = std::fs::remove_file(&tmp);
-    result
+    run_shell(&cmd)
 }
 
 fn main() -> ExitCode {
