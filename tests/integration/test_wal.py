@@ -544,44 +544,62 @@ def test_fetch_backup_of_encrypted_server(clusters, keyring):
     assert not wal_files_with(b, m)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented limitation (docs/wal.md) that contradicts SPEC §1 (a backup holds only "
-    "ciphertext): pg_basebackup -X stream writes the WAL streamed during the backup itself (a "
-    "frontend, outside the WAL hooks), in plaintext",
-)
-def test_stream_backup_of_encrypted_server_holds_no_plaintext_wal(clusters, keyring, tmp_path):
-    p = new_cluster(clusters, "wal-stream", keyring, wal_encrypt=True)
-    m = "MARKER_WAL_STREAMBK_p1"
+def _backup_under_load(p: Cluster, name: str, marker: str, tool: str, wal_method: str) -> Cluster:
+    """A base backup taken while rows with `marker` are committed, a few a second."""
     p.sql(
-        "CREATE TABLE f (id int, v text) USING heap;"
-        "CREATE PROCEDURE ins() LANGUAGE plpgsql AS $$\n"
+        "CREATE TABLE IF NOT EXISTS f (id int, v text) USING heap;"
+        "CREATE OR REPLACE PROCEDURE ins(m text) LANGUAGE plpgsql AS $$\n"
         "BEGIN\n"
         "  FOR i IN 1..100000 LOOP\n"
-        f"    INSERT INTO f VALUES (i, '{m}' || i); COMMIT; PERFORM pg_sleep(0.02);\n"
+        "    INSERT INTO f VALUES (i, m || i); COMMIT; PERFORM pg_sleep(0.02);\n"
         "  END LOOP;\n"
         "END $$"
     )
-    # rows committed while the backup runs (rate-limited to last a few seconds)
-    load = subprocess.Popen(p.psql_args() + ["-c", "CALL ins()"], stdin=subprocess.DEVNULL,
+    load = subprocess.Popen(p.psql_args() + ["-c", f"CALL ins('{marker}')"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1)
-        b = Cluster("wal-stream-backup")
-        clusters.append(b)
+        b = Cluster(name)
         r = subprocess.run(
-            as_user([str(BIN / "pg_basebackup"), "-D", str(b.datadir), "-X", "stream", "-c", "fast", "-r", "8M",
-                      "-h", str(p.sockdir), "-p", str(p.port), "-U", "postgres"]),
+            as_user([str(tool), "-D", str(b.datadir), "-X", wal_method, "-c", "fast", "-r", "8M",
+                     "-h", str(p.sockdir), "-p", str(p.port), "-U", "postgres"]),
             capture_output=True, text=True,
         )
         assert r.returncode == 0, r.stderr
     finally:
         load.kill()
         load.wait()
+    return b
+
+
+def test_control_stock_stream_backup_writes_plaintext_wal(clusters, keyring):
+    """Control: stock pg_basebackup -X stream writes the WAL it streams (a
+    client, outside pg_tde) in plaintext, which is why pg_tde_basebackup exists."""
+    p = new_cluster(clusters, "wal-stream-ctl", keyring, wal_encrypt=True)
+    m = "MARKER_WAL_STREAMBK_ctl"
+    b = _backup_under_load(p, "wal-stream-ctl-backup", m, BIN / "pg_basebackup", "stream")
+    clusters.append(b)
+    assert wal_files_with(b, m), "the marker detection saw nothing"
+
+
+def test_stream_backup_of_encrypted_server_holds_no_plaintext_wal(clusters, keyring, tmp_path):
+    """pg_tde_basebackup -X stream: the stock pg_basebackup fetching the
+    server's encrypted segments, with the WAL held by a temporary slot."""
+    tools = Path(__import__("os").environ.get("PG_TDE_BIN", str(BIN)))
+    p = new_cluster(clusters, "wal-stream", keyring, wal_encrypt=True)
+    m = "MARKER_WAL_STREAMBK_p1"
+    b = _backup_under_load(p, "wal-stream-backup", m, tools / "pg_tde_basebackup", "stream")
+    clusters.append(b)
+    # the slot went with the wrapper's session
+    assert p.sql("SELECT count(*) FROM pg_replication_slots") == "0"
     p.checkpoint()
     assert not wal_files_with(p, m), "marker in the primary's WAL"
     found = wal_files_with(b, m)
     assert not found, f"marker (written with wal_encrypt = on, during the backup) in the backup's WAL {found}"
+    # the backup starts, recovers through its encrypted WAL and has the rows
+    b.configure("")
+    b.start()
+    assert int(b.sql(f"SELECT count(*) FROM f WHERE v LIKE '{m}%'")) > 0
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+//! `pg_tde_basebackup`: the stock `pg_basebackup` for servers that encrypt
+//! their WAL, so that the backup holds no plaintext WAL.
+//!
+//! `pg_basebackup -X stream` receives the WAL written during the backup over
+//! a replication connection and writes it itself, in plaintext: it is a client
+//! and never passes through pg_tde.  This wrapper runs `pg_basebackup -X fetch`
+//! instead, with which the server sends its segment files as they are on disk
+//! (encrypted, readable with the `pg_tde/wal_keys` the backup copies), and
+//! holds a temporary physical replication slot, reserving WAL from before the
+//! backup's start, for as long as it runs, so that no segment the backup needs
+//! is removed meanwhile (what `-X stream` guarantees otherwise).  The slot
+//! belongs to a `psql` session of the wrapper: it disappears with the session,
+//! also when the wrapper is killed.
+//!
+//! ```text
+//! pg_tde_basebackup -h primary -U postgres -D /backups/base -c fast -R
+//! ```
+//! Every option is passed to `pg_basebackup`; `-X stream` (its default) becomes
+//! `-X fetch`, `-X none` stays.  `--slot`/`--create-slot` are refused: the
+//! wrapper's own slot does their job.  `pg_basebackup` and `psql` are taken
+//! from the directory of this program, where they are installed together.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+/// Options of `pg_basebackup` that take a value, in short and long form.
+const WITH_VALUE: &[(&str, &str)] = &[
+    ("-D", "--pgdata"),
+    ("-F", "--format"),
+    ("-r", "--max-rate"),
+    ("-T", "--tablespace-mapping"),
+    ("-t", "--target"),
+    ("-X", "--wal-method"),
+    ("-Z", "--compress"),
+    ("-c", "--checkpoint"),
+    ("-l", "--label"),
+    ("-s", "--status-interval"),
+    ("-d", "--dbname"),
+    ("-h", "--host"),
+    ("-p", "--port"),
+    ("-U", "--username"),
+    ("-S", "--slot"),
+    ("-i", "--incremental"),
+    ("", "--waldir"),
+    ("", "--manifest-checksums"),
+    ("", "--sync-method"),
+];
+
+/// Connection options, passed to `psql` as well.
+const CONNECTION: &[&str] = &["-d", "-h", "-p", "-U", "-w", "-W"];
+
+/// One parsed option: its short name (or long name when it has none) and value.
+struct Opt {
+    name: String,
+    value: Option<String>,
+}
+
+fn parse(args: &[String]) -> Result<Vec<Opt>, String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if let Some(long) = a.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
+                None => (a.clone(), None),
+            };
+            match WITH_VALUE.iter().find(|(_, l)| *l == name) {
+                Some((short, _)) => {
+                    let value = match inline {
+                        Some(v) => v,
+                        None => {
+                            i += 1;
+                            args.get(i - 1).cloned().ok_or_else(|| format!("option {name} needs a value"))?
+                        }
+                    };
+                    let key = if short.is_empty() { name.clone() } else { short.to_string() };
+                    out.push(Opt { name: key, value: Some(value) });
+                }
+                None => out.push(Opt { name, value: inline }),
+            }
+        } else if a.len() >= 2 && a.starts_with('-') {
+            let short = &a[..2];
+            if WITH_VALUE.iter().any(|(s, _)| *s == short) {
+                let value = if a.len() > 2 {
+                    a[2..].to_string()
+                } else {
+                    let v = args.get(i).cloned().ok_or_else(|| format!("option {short} needs a value"))?;
+                    i += 1;
+                    v
+                };
+                out.push(Opt { name: short.to_string(), value: Some(value) });
+            } else {
+                // flags, possibly grouped (-vP)
+                for c in a[1..].chars() {
+                    out.push(Opt { name: format!("-{c}"), value: None });
+                }
+            }
+        } else {
+            return Err(format!("unexpected argument \"{a}\""));
+        }
+    }
+    Ok(out)
+}
+
+fn sibling(program: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(program)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
+fn run(args: &[String]) -> Result<i32, String> {
+    let mut opts = parse(args)?;
+    if opts.iter().any(|o| o.name == "-S" || o.name == "-C" || o.name == "--create-slot" || o.name == "--no-slot") {
+        return Err("--slot, --create-slot and --no-slot do not apply: the wrapper holds a slot of its own".into());
+    }
+    if opts.iter().any(|o| o.name == "-?" || o.name == "--help" || o.name == "-V" || o.name == "--version") {
+        let status = Command::new(sibling("pg_basebackup")).args(args).status().map_err(|e| e.to_string())?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    let mut wal_none = false;
+    opts.retain(|o| {
+        if o.name == "-X" {
+            wal_none = matches!(o.value.as_deref(), Some("n") | Some("none"));
+            false
+        } else {
+            true
+        }
+    });
+    let mut argv: Vec<String> = Vec::new();
+    let mut conn: Vec<String> = Vec::new();
+    for o in &opts {
+        argv.push(o.name.clone());
+        if let Some(v) = &o.value {
+            argv.push(v.clone());
+        }
+        if CONNECTION.contains(&o.name.as_str()) {
+            conn.push(o.name.clone());
+            if let Some(v) = &o.value {
+                conn.push(v.clone());
+            }
+        }
+    }
+    argv.push("-X".into());
+    argv.push(if wal_none { "none" } else { "fetch" }.into());
+    if wal_none {
+        let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string())?;
+        return Ok(status.code().unwrap_or(1));
+    }
+
+    // The slot's session: psql reading commands from our pipe.
+    let mut psql = Command::new(sibling("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(&conn)
+        .env("PGDATABASE", std::env::var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    let slot = format!("pg_tde_basebackup_{}", std::process::id());
+    let mut stdin = psql.stdin.take().ok_or("no pipe to psql")?;
+    let mut stdout = BufReader::new(psql.stdout.take().ok_or("no pipe from psql")?);
+    writeln!(stdin, "SELECT lsn FROM pg_create_physical_replication_slot('{slot}', true, true);")
+        .and_then(|_| stdin.flush())
+        .map_err(|e| format!("psql: {e}"))?;
+    let mut line = String::new();
+    stdout.read_line(&mut line).map_err(|e| format!("psql: {e}"))?;
+    if line.trim().is_empty() {
+        let _ = psql.wait();
+        return Err("could not create the temporary replication slot that holds the backup's WAL".into());
+    }
+    eprintln!("pg_tde_basebackup: WAL from {} on held by temporary slot \"{slot}\"", line.trim());
+    let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string());
+    // Ending the session drops the slot.
+    drop(stdin);
+    let _ = psql.wait();
+    Ok(status?.code().unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("pg_tde_basebackup: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(args: &[&str]) -> Vec<(String, Option<String>)> {
+        let v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        parse(&v).unwrap().into_iter().map(|o| (o.name, o.value)).collect()
+    }
+
+    #[test]
+    fn options_in_every_form() {
+        let got = names(&["-D", "/b", "-Xstream", "--host=/tmp", "-p", "5432", "-vP", "--wal-method", "s", "-R"]);
+        let want = [
+            ("-D", Some("/b")),
+            ("-X", Some("stream")),
+            ("-h", Some("/tmp")),
+            ("-p", Some("5432")),
+            ("-v", None),
+            ("-P", None),
+            ("-X", Some("s")),
+            ("-R", None),
+        ];
+        assert_eq!(got.len(), want.len());
+        for ((n, v), (wn, wv)) in got.iter().zip(want) {
+            assert_eq!((n.as_str(), v.as_deref()), (wn, wv));
+        }
+        assert!(parse(&["-D".to_string()]).is_err());
+    }
+}
