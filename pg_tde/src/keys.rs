@@ -564,6 +564,7 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
 pub fn remove_map(db_oid: u32) -> Result<()> {
     with_key_files_lock(|| {
         rmgr::log_map_remove(db_oid);
+        crate::gucs::crash_point("map_remove_after_wal");
         remove_map_file(db_oid)?;
         bump_generation();
         Ok(())
@@ -588,6 +589,7 @@ pub fn remove_map_if_unused(db_oid: u32) -> Result<bool> {
             return Ok(false);
         }
         rmgr::log_map_remove(db_oid);
+        crate::gucs::crash_point("map_remove_after_wal");
         remove_map_file(db_oid)?;
         bump_generation();
         Ok(true)

@@ -577,3 +577,28 @@ def test_concurrent_restores_append_whole_key_records(clusters, keyring, tmp_pat
     p.restart()
     p.sql("INSERT INTO k VALUES ('after')")
     assert p.sql("SELECT count(*) FROM k") == "301"
+
+
+@pytest.mark.parametrize("how", ["drop database", "delete key"])
+def test_crash_between_logging_and_removing_a_key_map(clusters, keyring, how):
+    p = new_cluster(clusters, "map-remove-crash", keyring, wal_encrypt=False)
+    p.sql("CREATE DATABASE victim")
+    setup_encryption(p, keyring, db="victim", key="victim-key")
+    oid = dboid(p, "victim")
+    assert _keys_file(p, oid).exists()
+    stmt = "DROP DATABASE victim" if how == "drop database" else "SELECT pg_tde_delete_key()"
+    db = "postgres" if how == "drop database" else "victim"
+    e = p.sql_error(f"SET pg_tde.test_crash_point = 'map_remove_after_wal'; {stmt}", db=db)
+    assert "connection" in e.output or e.sqlstate in ("", "08006", "57P01", "XX000"), e.output
+    wait_until_up(p)
+    assert "terminated by signal 6" in p.logfile.read_text(errors="replace"), p.log_tail()
+    # the removal was logged: crash recovery finished it
+    assert not _keys_file(p, oid).exists()
+    if how == "drop database":
+        # the drop itself had not committed; the database is left invalid and is dropped again
+        p.sql("DROP DATABASE IF EXISTS victim")
+        assert p.sql("SELECT count(*) FROM pg_database WHERE datname = 'victim'") == "0"
+    else:
+        assert p.sql("SELECT count(*) FROM pg_tde_key_info()", db="victim") in ("0", "1")
+        e = p.sql_error("CREATE TABLE x (v text) USING tde_heap", db="victim")
+        assert "principal key" in e.message, e.output
