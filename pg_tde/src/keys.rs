@@ -234,7 +234,14 @@ pub fn verified_principal(header: &KeyMapHeader) -> Result<Zeroizing<Vec<u8>>> {
     let key = principal_key(&header.principal)?;
     if let Err(e) = header.verify_principal(&key) {
         forget_principal(&header.principal);
-        return Err(e);
+        return Err(match e {
+            // The map is intact; the provider hands out another key under this name.
+            TdeError::Decrypt(_) => TdeError::Provider(format!(
+                "principal key \"{}\" of key provider {} does not match the key the key map was sealed with (was the secret overwritten?)",
+                header.principal.name, header.principal.provider_id
+            )),
+            other => other,
+        });
     }
     Ok(key)
 }
@@ -262,31 +269,46 @@ pub fn database_header(db_oid: u32) -> Result<Option<KeyMapHeader>> {
 /// whole new map is WAL-logged and then atomically replaces the old one.
 pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) -> Result<()> {
     ensure_key_dir()?;
-    with_key_files_lock(|| {
-        let path = map_path(db_oid);
-        let entries = match keymap::read(&path) {
-            Ok((old_header, old_entries)) => {
-                let old_key = principal_key(&old_header.principal)?;
-                old_header.verify_principal(&old_key)?;
-                let mut new_entries = Vec::with_capacity(old_entries.len());
-                for e in &old_entries {
-                    let relkey = e.open(db_oid, &old_key)?;
-                    new_entries.push(KeyMapEntry::seal(db_oid, e.spc_oid, e.rel_number, &relkey, key)?);
+    let path = map_path(db_oid);
+    for _ in 0..STORE_ATTEMPTS {
+        // The current principal key is fetched (and checked) before the lock: a
+        // provider may be slow, and the lock serialises every key creation.
+        let before = database_header(db_oid)?;
+        let old_key = before.as_ref().map(verified_principal).transpose()?;
+        let done = with_key_files_lock(|| {
+            let entries = match keymap::read(&path) {
+                Ok((old_header, old_entries)) => {
+                    let (Some(expected), Some(old_key)) = (&before, &old_key) else { return Ok(false) };
+                    if &old_header != expected {
+                        return Ok(false); // rotated meanwhile: fetch the new current key
+                    }
+                    let mut new_entries = Vec::with_capacity(old_entries.len());
+                    for e in &old_entries {
+                        let relkey = e.open(db_oid, old_key)?;
+                        new_entries.push(KeyMapEntry::seal(db_oid, e.spc_oid, e.rel_number, &relkey, key)?);
+                    }
+                    new_entries
                 }
-                new_entries
-            }
-            Err(TdeError::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        let header = KeyMapHeader::new(db_oid, principal.clone(), key)?;
-        crate::gucs::crash_point("rotation_before_wal");
-        rmgr::log_map_rewrite(db_oid, &header, &entries)?;
-        crate::gucs::crash_point("rotation_after_wal");
-        keymap::rewrite(&path, &header, &entries)?;
-        cache_principal(principal.provider_id, &principal.name, key);
-        bump_generation();
-        Ok(())
-    })
+                Err(TdeError::NotFound(_)) if before.is_none() => Vec::new(),
+                Err(TdeError::NotFound(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let header = KeyMapHeader::new(db_oid, principal.clone(), key)?;
+            crate::gucs::crash_point("rotation_before_wal");
+            rmgr::log_map_rewrite(db_oid, &header, &entries)?;
+            crate::gucs::crash_point("rotation_after_wal");
+            keymap::rewrite(&path, &header, &entries)?;
+            cache_principal(principal.provider_id, &principal.name, key);
+            bump_generation();
+            Ok::<bool, TdeError>(true)
+        })?;
+        if done {
+            return Ok(());
+        }
+    }
+    Err(TdeError::Provider(format!(
+        "the principal key of database {db_oid} changed {STORE_ATTEMPTS} times during this change; retry"
+    )))
 }
 
 /// Set or rotate the server key.  The WAL keys are wrapped by a WAL
