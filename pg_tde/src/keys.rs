@@ -297,8 +297,10 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
             crate::gucs::crash_point("rotation_before_wal");
             rmgr::log_map_rewrite(db_oid, &header, &entries)?;
             crate::gucs::crash_point("rotation_after_wal");
-            keymap::rewrite(&path, &header, &entries)?;
+            // Cached first: a WAL write that reads the new map must find its
+            // key here, not ask the provider inside a critical section.
             cache_principal(principal.provider_id, &principal.name, key);
+            keymap::rewrite(&path, &header, &entries)?;
             bump_generation();
             Ok::<bool, TdeError>(true)
         })?;
@@ -327,8 +329,10 @@ pub fn set_server_principal(principal: PrincipalRef, key: &[u8]) -> Result<()> {
     ensure_wal_kek()
 }
 
-/// Give the server key map its WAL key-encryption key if it has none:
-/// WAL-logged, then stored.
+/// Give the server key map its WAL key-encryption key if it has none: the
+/// whole map with the new entry is WAL-logged and then atomically replaces the
+/// old one (never an in-place write: WAL writers read this map without its
+/// lock).
 fn ensure_wal_kek() -> Result<()> {
     let path = map_path(SERVER_KEY_DB);
     let (header, entries) = keymap::read(&path)?;
@@ -336,17 +340,19 @@ fn ensure_wal_kek() -> Result<()> {
         return Ok(());
     }
     // Fetched before the lock (a provider may be slow); checked under it.
-    let pk = principal_key(&header.principal)?;
+    let pk = verified_principal(&header)?;
     with_key_files_lock(|| {
-        let (current, entries) = keymap::read(&path)?;
+        let (current, mut entries) = keymap::read(&path)?;
         if entries.iter().any(tde_core::walkeys::is_kek_entry) {
             return Ok(());
         }
-        current.verify_principal(&pk)?;
-        let entry = tde_core::walkeys::new_kek_entry(SERVER_KEY_DB, &pk)?;
-        rmgr::log_relation_key(SERVER_KEY_DB, &entry)?;
+        if current != header {
+            return Err(TdeError::Invalid("the server key changed while it was being set; retry".into()));
+        }
+        entries.push(tde_core::walkeys::new_kek_entry(SERVER_KEY_DB, &pk)?);
+        rmgr::log_map_rewrite(SERVER_KEY_DB, &current, &entries)?;
         crate::gucs::crash_point("wal_kek_after_wal");
-        keymap::put_entry(&path, &entry)?;
+        keymap::rewrite(&path, &current, &entries)?;
         bump_generation();
         Ok(())
     })
@@ -702,7 +708,14 @@ pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
             // The map was removed later in the WAL (the database was dropped or
             // its key deleted) and crash recovery is replaying from before
             // that: the removal's own record follows.
-            Err(TdeError::NotFound(_)) => return Ok(()),
+            Err(TdeError::NotFound(_)) => {
+                pgrx::log!(
+                    "pg_tde: key map of database {db_oid} is absent; relation key {}/{} skipped (its database was dropped or its key deleted later in the WAL)",
+                    entry.spc_oid,
+                    entry.rel_number
+                );
+                return Ok(());
+            }
             Err(e) => return Err(e),
         }
         bump_generation();
@@ -715,8 +728,16 @@ pub fn redo_map_rewrite(db_oid: u32, header: &KeyMapHeader, entries: &[KeyMapEnt
     with_key_files_lock(|| {
         keymap::rewrite(&map_path(db_oid), header, entries)?;
         bump_generation();
-        Ok(())
-    })
+        Ok::<(), TdeError>(())
+    })?;
+    // This server's own WAL key records from before the key-encryption key
+    // (a standby's receiver keys, a backup's) are re-wrapped by it as soon as
+    // the map that adds it is replayed, while the server key that wraps them
+    // is still current: the primary does the same before it rotates.
+    if db_oid == SERVER_KEY_DB && entries.iter().any(tde_core::walkeys::is_kek_entry) {
+        crate::wal::upgrade_legacy_records()?;
+    }
+    Ok(())
 }
 
 pub fn redo_providers(bytes: &[u8]) -> Result<()> {

@@ -55,6 +55,10 @@ struct WalSlot {
     /// The WAL receiver process that took the key (0 for the writer role):
     /// each start of the receiver takes a new one.
     pid: i32,
+    /// End of what the receiver has written on this timeline: a receiver
+    /// started again rewrites the same WAL up to there, which keeps the key
+    /// it was written with; its own key starts after it.
+    written_upto: u64,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -109,7 +113,7 @@ fn wal_wrapping() -> Result<Wrapping> {
         }
         Err(e) => return Err(e),
     };
-    let key = keys::principal_key(&header.principal)?;
+    let key = keys::verified_principal(&header)?;
     Wrapping::from_server_map(keys::SERVER_KEY_DB, &header, &entries, key)
 }
 
@@ -118,7 +122,7 @@ fn wal_wrapping() -> Result<Wrapping> {
 /// key lock, so no server process appends meanwhile.
 pub fn upgrade_legacy_records() -> Result<()> {
     let path = wal_keys_path();
-    if !path.exists() {
+    if !walkeys::has_legacy_records(&path)? {
         return Ok(());
     }
     let wrapping = wal_wrapping()?;
@@ -171,7 +175,9 @@ fn key_ranges(with_file_len: bool) -> Result<Arc<KeyRanges>> {
                 };
                 if grown {
                     let (more, upto) = walkeys::read_from(&path, &wal_wrapping()?, k.read_upto)?;
-                    Arc::make_mut(&mut k.ranges).extend(&more)?;
+                    let mut ranges = KeyRanges::clone(&k.ranges);
+                    ranges.extend(&more)?;
+                    k.ranges = Arc::new(ranges);
                     k.read_upto = upto;
                 }
                 k.generation = generation;
@@ -224,31 +230,55 @@ fn ensure_slot(role: usize, on: bool, fd: c_int, buf: &[u8], offset: i64, startp
             return Ok(shared.slots[role]);
         }
     }
-    // The WAL receiver writes only final data and rewrites whole segments from
-    // their start after a restart: its key starts where it starts writing.
-    // (Computed before taking the lock: it reads the key ranges, which share it.
-    // Each role writes from one process at a time, so nothing races us here.)
-    let start = if role == 1 { startptr } else { first_new_byte(fd, buf, offset, startptr, tli) };
-    let wrapping = wal_wrapping()?;
-    let mut shared = WAL_SHARED.exclusive();
-    if current(&shared.slots[role]) {
+    // The WAL receiver writes only final data and, started again, rewrites its
+    // timeline's WAL from a segment start: its key starts where it starts
+    // writing, or after what the previous receiver wrote on the same timeline
+    // (the same WAL, which keeps that receiver's key).  (Computed before taking
+    // the lock: it reads the key ranges, which share it.  Each role writes from
+    // one process at a time, so nothing races us here.)
+    let start = if role == 1 {
+        let prev = WAL_SHARED.share().slots[1];
+        if prev.valid && !prev.null && prev.timeline == tli {
+            startptr.max(prev.written_upto)
+        } else {
+            startptr
+        }
+    } else {
+        first_new_byte(fd, buf, offset, startptr, tli)
+    };
+    for _ in 0..3 {
+        // A rewrite of the key file (re-wrapping old records before a server-key
+        // rotation) between reading the wrapping keys and appending would let an
+        // old-format record in after the conversion: checked under the lock.
+        let rewrites = WAL_SHARED.share().rewrites;
+        let wrapping = wal_wrapping()?;
+        let mut shared = WAL_SHARED.exclusive();
+        if current(&shared.slots[role]) {
+            return Ok(shared.slots[role]);
+        }
+        if shared.rewrites != rewrites {
+            continue;
+        }
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let (key, base) = if on {
+            wal::generate_key(wrapping.wal_key_len())?
+        } else {
+            (zeroize::Zeroizing::new(Vec::new()), [0u8; 16])
+        };
+        // Records of a server key map from before the key-encryption key carry no
+        // timeline; they are re-wrapped with one at the next server-key rotation.
+        let timeline = if wrapping.has_kek() { tli } else { 0 };
+        walkeys::append(
+            &wal_keys_path(),
+            &wrapping,
+            &WalKey { start_lsn: start, end_lsn: u64::MAX, timeline, created_unix_secs: created, key, base },
+        )?;
+        shared.generation += 1;
+        shared.slots[role] = WalSlot { valid: true, null: !on, start, timeline: tli, pid, written_upto: start };
         return Ok(shared.slots[role]);
     }
-    let created =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let (key, base) =
-        if on { wal::generate_key(wrapping.wal_key_len())? } else { (zeroize::Zeroizing::new(Vec::new()), [0u8; 16]) };
-    // Records of a server key map from before the key-encryption key carry no
-    // timeline; they are re-wrapped with one at the next server-key rotation.
-    let timeline = if wrapping.has_kek() { tli } else { 0 };
-    walkeys::append(
-        &wal_keys_path(),
-        &wrapping,
-        &WalKey { start_lsn: start, end_lsn: u64::MAX, timeline, created_unix_secs: created, key, base },
-    )?;
-    shared.generation += 1;
-    shared.slots[role] = WalSlot { valid: true, null: !on, start, timeline: tli, pid };
-    Ok(shared.slots[role])
+    Err(TdeError::Invalid("the WAL key file was rewritten three times while a WAL key was being added".into()))
 }
 
 /// Read the header prefix of the WAL page at `page_lsn` from `fd`, whose byte
@@ -329,6 +359,7 @@ unsafe extern "C-unwind" fn wal_write(
         Ok(s) => s,
         Err(e) => errors::raise(e),
     };
+    let slot_pid = slot.pid;
     if slot.null && startptr >= slot.start {
         // Encryption switched off and past the last encrypted byte.
         // SAFETY: as above.
@@ -349,7 +380,15 @@ unsafe extern "C-unwind" fn wal_write(
             errors::raise(e);
         }
         // SAFETY: scratch holds nbytes bytes; fd is the caller's open segment.
-        unsafe { libc::pwrite(fd, scratch.as_ptr().cast(), nbytes, offset) }
+        let written = unsafe { libc::pwrite(fd, scratch.as_ptr().cast(), nbytes, offset) };
+        if role == 1 && written > 0 {
+            let mut shared = WAL_SHARED.exclusive();
+            let slot = &mut shared.slots[1];
+            if slot.timeline == tli && slot.pid == slot_pid {
+                slot.written_upto = slot.written_upto.max(startptr + written as u64);
+            }
+        }
+        written
     })
 }
 

@@ -602,3 +602,38 @@ def test_crash_between_logging_and_removing_a_key_map(clusters, keyring, how):
         assert p.sql("SELECT count(*) FROM pg_tde_key_info()", db="victim") in ("0", "1")
         e = p.sql_error("CREATE TABLE x (v text) USING tde_heap", db="victim")
         assert "principal key" in e.message, e.output
+
+
+def test_restarted_wal_receiver_takes_a_new_key_after_what_it_wrote(clusters, keyring):
+    """Each start of the WAL receiver takes a new key, starting after what the
+    previous receiver wrote on the timeline (the rewritten WAL keeps its key):
+    a crash of the standby right after the restart loses nothing on disk."""
+    import time
+    from test_wal import key_records, rec_start_lsn
+    p = new_cluster(clusters, "rcv-primary", keyring, wal_encrypt=True, extra="wal_keep_size = '1GB'\n")
+    s = make_standby(p)
+    clusters.append(s)
+    fill_enc(p, "t", "MARKER_RCV_ONE")
+    wait_for_replay(p, s)
+    n = len(key_records(s))
+    first = rec_start_lsn(key_records(s)[-1])
+    received = lsn_int(s.sql("SELECT pg_last_wal_receive_lsn()"))
+    import os
+    import signal
+    old_pid = int(s.sql("SELECT pid FROM pg_stat_wal_receiver"))
+    os.kill(old_pid, signal.SIGTERM)  # an auxiliary process: pg_terminate_backend refuses it
+    deadline = time.time() + 120
+    while s.sql("SELECT coalesce((SELECT pid FROM pg_stat_wal_receiver WHERE status = 'streaming'), 0)") in ("0", str(old_pid)):
+        assert time.time() < deadline, s.log_tail()
+        time.sleep(0.2)
+    fill_enc(p, "t", "MARKER_RCV_TWO")
+    wait_for_replay(p, s)
+    recs = key_records(s)
+    assert len(recs) == n + 1, "the restarted receiver took no key of its own"
+    assert first < rec_start_lsn(recs[-1]) and rec_start_lsn(recs[-1]) >= received - received % 8192
+    s.kill9()
+    s.start()
+    wait_for_replay(p, s)
+    assert digest(s, "t") == digest(p, "t")
+    s.checkpoint()
+    assert not wal_files_with(s, "MARKER_RCV_TWO")

@@ -231,6 +231,15 @@ pub fn append(path: &Path, wrapping: &Wrapping, key: &WalKey) -> Result<()> {
     Ok(())
 }
 
+/// Whether the file holds records wrapped by the server key itself (v1).
+pub fn has_legacy_records(path: &Path) -> Result<bool> {
+    match std::fs::read(path) {
+        Ok(d) => Ok(d.chunks_exact(RECORD_SIZE).any(|r| &r[0..8] == MAGIC_V1)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(TdeError::io(format!("could not read WAL key file \"{}\"", path.display()), e)),
+    }
+}
+
 /// Re-wrap every v1 record (wrapped by the server key) with the key-encryption
 /// key, in one atomic replacement of the file; damaged and torn records, never
 /// used, are dropped.  Returns whether the file changed.  Run before the

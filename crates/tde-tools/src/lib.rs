@@ -174,11 +174,18 @@ impl PrivateTmp {
             None => std::env::temp_dir(),
         };
         let base = base.canonicalize().map_err(|e| format!("temporary directory \"{}\": {e}", base.display()))?;
-        if let Ok(data) = datadir.canonicalize() {
-            if base.starts_with(&data) {
+        // The data directory and what base backups copy with it through links:
+        // pg_wal and the tablespaces.
+        let mut copied = vec![datadir.to_path_buf(), datadir.join("pg_wal")];
+        if let Ok(links) = std::fs::read_dir(datadir.join("pg_tblspc")) {
+            copied.extend(links.flatten().map(|e| e.path()));
+        }
+        for dir in copied.iter().filter_map(|d| d.canonicalize().ok()) {
+            if base.starts_with(&dir) {
                 return Err(format!(
-                    "temporary directory \"{}\" is inside the data directory: plaintext WAL would be copied by base backups",
-                    base.display()
+                    "temporary directory \"{}\" is inside the data directory (\"{}\"): plaintext WAL would be copied by base backups",
+                    base.display(),
+                    dir.display()
                 ));
             }
         }

@@ -19,6 +19,9 @@
 //! `-X fetch`, `-X none` stays.  `--slot`/`--create-slot` are refused: the
 //! wrapper's own slot does their job.  `pg_basebackup` and `psql` are taken
 //! from the directory of this program, where they are installed together.
+//! After a plain-format backup, the backup's `pg_tde/wal_keys` is replaced by
+//! the server's current file when the server took a WAL key during the
+//! backup (a standby's WAL receiver that started again).
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -175,11 +178,63 @@ fn run(args: &[String]) -> Result<i32, String> {
         return Err("could not create the temporary replication slot that holds the backup's WAL".into());
     }
     eprintln!("pg_tde_basebackup: WAL from {} on held by temporary slot \"{slot}\"", line.trim());
-    let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string());
+    let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string())?;
+    let code = status.code().unwrap_or(1);
+    if code == 0 {
+        refresh_wal_keys(&opts, &mut stdin, &mut stdout);
+    }
     // Ending the session drops the slot.
     drop(stdin);
     let _ = psql.wait();
-    Ok(status?.code().unwrap_or(1))
+    Ok(code)
+}
+
+/// The backup copied `pg_tde/wal_keys` before the WAL fetched at its end was
+/// written: a key the server took meanwhile (a standby's WAL receiver that
+/// started again) would be missing.  In a plain-format backup the file is
+/// replaced by the server's current one, read through the slot's session
+/// (`pg_read_binary_file`: superuser or `pg_read_server_files`); where that
+/// cannot be done, a warning says how to check the backup.
+fn refresh_wal_keys(opts: &[Opt], stdin: &mut impl Write, stdout: &mut impl BufRead) {
+    let value = |n: &str| opts.iter().rev().find(|o| o.name == n).and_then(|o| o.value.clone());
+    let plain = value("-F").is_none_or(|f| f.starts_with('p'));
+    let warn = |why: &str| {
+        eprintln!(
+            "pg_tde_basebackup: warning: the backup's pg_tde/wal_keys was not refreshed ({why}); if the server is a \
+             standby whose WAL receiver restarted during the backup, check the backup's WAL with pg_tde_decrypt_wal"
+        )
+    };
+    let Some(dir) = value("-D").filter(|d| plain && d != "-") else {
+        return warn("not a plain-format backup");
+    };
+    let query = "SELECT coalesce(encode(pg_read_binary_file('pg_tde/wal_keys', 0, 268435456, true), 'hex'), '');";
+    let mut line = String::new();
+    if writeln!(stdin, "{query}").and_then(|_| stdin.flush()).is_err() || stdout.read_line(&mut line).is_err() {
+        return warn("the server's file could not be read");
+    }
+    let hex = line.trim();
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+        return warn("the server's file could not be read");
+    }
+    let Ok(current) =
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect::<Result<Vec<u8>, _>>()
+    else {
+        return warn("the server's file could not be read");
+    };
+    let path = PathBuf::from(dir).join("pg_tde/wal_keys");
+    if std::fs::read(&path).is_ok_and(|copied| copied == current) {
+        return;
+    }
+    let tmp = path.with_extension("tmp");
+    match std::fs::write(&tmp, &current)
+        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+    {
+        Ok(()) => {
+            eprintln!("pg_tde_basebackup: pg_tde/wal_keys refreshed: the server took a WAL key during the backup")
+        }
+        Err(e) => warn(&format!("cannot write \"{}\": {e}", path.display())),
+    }
 }
 
 fn main() -> ExitCode {
