@@ -637,3 +637,106 @@ def test_restarted_wal_receiver_takes_a_new_key_after_what_it_wrote(clusters, ke
     assert digest(s, "t") == digest(p, "t")
     s.checkpoint()
     assert not wal_files_with(s, "MARKER_RCV_TWO")
+
+
+# ---------------------------------------------------------------------------
+# Case 1, continued: data directories from before the WAL key-encryption key.
+# Their WAL key records are wrapped by the server key itself (format v1); the
+# helpers below turn a stopped cluster back into that state, offline.
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _server_key(keyring: Path) -> bytes:
+    import json
+    keys = json.loads((keyring / "keyring.json").read_text())["keys"]
+    return bytes.fromhex(next(k["key_hex"] for k in keys if k["name"] == "server-key"))
+
+
+def _make_legacy(c: Cluster, keyring: Path) -> None:
+    """Drop the key-encryption key from the server map and re-wrap every WAL
+    key record with the server key, as the format before it (v1) had them."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    sk = _server_key(keyring)
+    server_db = 0xFFFFFFFD
+    mp = c.datadir / "pg_tde" / "server_key"
+    m = bytearray(mp.read_bytes())
+    kek = None
+    for off in range(512, len(m), 256):
+        state, spc, rel, cipher, wlen = struct.unpack_from("<5I", m, off)
+        if state == 1 and spc == 0 and rel == 0:
+            w = bytes(m[off + 20:off + 20 + wlen])
+            aad = b"pg_tde relkey" + struct.pack("<4I", server_db, 0, 0, cipher)
+            kek = AESGCM(sk).decrypt(w[:12], w[12:], aad)[:32]
+            m[off:off + 256] = bytes(256)  # an all-zero record is a free slot
+    assert kek is not None, "no WAL key-encryption key in the server key map"
+    mp.write_bytes(bytes(m))
+    wk = c.datadir / "pg_tde" / "wal_keys"
+    data = wk.read_bytes()
+    out = b""
+    for off in range(0, len(data), 256):
+        rec = data[off:off + 256]
+        assert rec[:8] == b"PGTDEWK\x02"
+        start, created, end, wlen, tli = struct.unpack_from("<QqQII", rec, 8)
+        new = bytearray(256)
+        new[0:8] = b"PGTDEWK\x01"
+        struct.pack_into("<QqQ", new, 8, start, created, end)
+        if wlen:
+            w = rec[40:40 + wlen]
+            plain = AESGCM(kek).decrypt(w[:12], w[12:], b"pg_tde wal key v2" + struct.pack("<QQI", start, end, tli))
+            nonce = __import__("os").urandom(12)
+            w1 = nonce + AESGCM(sk).encrypt(nonce, plain, b"pg_tde wal key" + struct.pack("<QQ", start, end))
+            struct.pack_into("<I", new, 32, len(w1))
+            new[36:36 + len(w1)] = w1
+        struct.pack_into("<I", new, 252, _crc32c(bytes(new[:252])))
+        out += bytes(new)
+    wk.write_bytes(out)
+
+
+def test_rotation_with_legacy_wal_key_records_on_primary_and_standby(clusters, keyring, tmp_path):
+    p = new_cluster(clusters, "legacy-primary", keyring, wal_encrypt=True, extra="wal_keep_size = '1GB'\n")
+    s = make_standby(p)
+    clusters.append(s)
+    fill_enc(p, "t", "MARKER_LEGACY_ONE")
+    wait_for_replay(p, s)
+    s.stop()
+    p.stop()
+    for c in (p, s):
+        _make_legacy(c, keyring)
+    p.start()
+    s.start()
+    # the old format reads as before
+    fill_enc(p, "t", "MARKER_LEGACY_TWO")
+    wait_for_replay(p, s)
+    assert digest(s, "t") == digest(p, "t")
+    assert any(r[:8] == b"PGTDEWK\x01" for r in _records(s))
+
+    p.sql("SELECT pg_tde_create_key_using_global_key_provider('server-key-2', 'g')")
+    p.sql("SELECT pg_tde_set_server_key_using_global_key_provider('server-key-2', 'g')")
+    fill_enc(p, "t", "MARKER_LEGACY_THREE")
+    wait_for_replay(p, s)
+    # both servers re-wrapped their own records before the rotation took effect
+    for c in (p, s):
+        assert all(r[:8] == b"PGTDEWK\x02" for r in _records(c)), c.name
+    for c in (s, p):
+        c.restart()
+    fill_enc(p, "t", "MARKER_LEGACY_FOUR", n=10)
+    wait_for_replay(p, s)
+    assert digest(s, "t") == digest(p, "t")
+    out = tmp_path / "dec"
+    out.mkdir()
+    r = subprocess.run([str(TOOLS / "pg_tde_decrypt_wal"), "-D", str(s.datadir), "-o", str(out)]
+                       + [str(x) for x in segments(s)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _records(c: Cluster) -> list[bytes]:
+    data = (c.datadir / "pg_tde" / "wal_keys").read_bytes()
+    return [data[i:i + 256] for i in range(0, len(data), 256)]
