@@ -81,6 +81,19 @@ unsafe extern "C-unwind" {
 
     /// Rewrites a sequence into a new relfilenumber, keeping its state.
     pub fn SequenceChangePersistence(relid: Oid, newrelpersistence: std::ffi::c_char);
+
+    /// `tcop/utility.h`, declared here without pgrx's guard: the utility hook
+    /// lets the statement's ERRORs propagate as raised (see `hooks`).
+    pub fn standard_ProcessUtility(
+        pstmt: *mut pgrx::pg_sys::PlannedStmt,
+        queryString: *const std::ffi::c_char,
+        readOnlyTree: bool,
+        context: pgrx::pg_sys::ProcessUtilityContext::Type,
+        params: pgrx::pg_sys::ParamListInfo,
+        queryEnv: *mut pgrx::pg_sys::QueryEnvironment,
+        dest: *mut pgrx::pg_sys::DestReceiver,
+        qc: *mut pgrx::pg_sys::QueryCompletion,
+    );
 }
 
 /// `storage/aio.h` (PostgreSQL 18), which pgrx's bindings do not include.

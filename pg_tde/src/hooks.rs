@@ -405,7 +405,13 @@ unsafe fn refuse_byte_copies_of_encrypted_files(stmt: *mut pg_sys::Node) {
     }
 }
 
-#[pg_guard]
+/// The utility hook.  Not under pgrx's guard itself, so that an ERROR raised
+/// by the statement (by PostgreSQL, about anything) reaches the client exactly
+/// as PostgreSQL raised it, with all its fields, instead of being caught and
+/// re-raised by pgrx (which keeps only some fields and, with `RUST_BACKTRACE`
+/// set, adds a Rust backtrace).  pg_tde's own work before and after the
+/// statement runs in guarded functions; this frame holds nothing with a
+/// destructor, so an ERROR's longjmp across it is sound (a plain old frame).
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn tde_process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -417,8 +423,26 @@ unsafe extern "C-unwind" fn tde_process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    // SAFETY: pstmt is the statement being executed.
-    let stmt = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: pstmt is the statement being executed; the helpers are guarded
+    // entry points.
+    let dropped_db = unsafe { before_utility((*pstmt).utilityStmt) };
+    // SAFETY: chaining to the previous hook or the standard function, with the
+    // caller's arguments.
+    unsafe {
+        match PREV_PROCESS_UTILITY {
+            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            None => {
+                ffi::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
+            }
+        }
+        after_utility((*pstmt).utilityStmt, dropped_db);
+    }
+}
+
+/// Checks that may refuse the statement before anything runs; returns the OID
+/// of the database a DROP DATABASE drops (0 otherwise).
+#[pg_guard]
+unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node) -> u32 {
     // SAFETY: stmt is NULL or a valid parse node.
     unsafe {
         refuse_decrypting_under_enforcement(stmt);
@@ -427,32 +451,21 @@ unsafe extern "C-unwind" fn tde_process_utility(
     // DROP DATABASE: the dropped database's key map goes with it (after the
     // drop, which removes its files and cannot be rolled back).
     // SAFETY: the node tag is checked before the cast.
-    let dropped_db = unsafe {
-        if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_DropdbStmt {
-            database_oid((*(stmt as *mut pg_sys::DropdbStmt)).dbname)
-        } else {
-            None
-        }
-    };
-    // SAFETY: chaining to the previous hook or the standard function.
     unsafe {
-        match PREV_PROCESS_UTILITY {
-            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            ),
+        if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_DropdbStmt {
+            database_oid((*(stmt as *mut pg_sys::DropdbStmt)).dbname).map_or(0, |o| o.to_u32())
+        } else {
+            0
         }
     }
+}
+
+/// pg_tde's work after a statement that succeeded.
+#[pg_guard]
+unsafe extern "C-unwind" fn after_utility(stmt: *mut pg_sys::Node, dropped_db: u32) {
     // Reached only when the drop succeeded (a failure raises an ERROR).
-    if let Some(db) = dropped_db {
-        keys::remove_stale_map(db.to_u32()).or_raise();
+    if dropped_db != 0 {
+        keys::remove_stale_map(dropped_db).or_raise();
     }
     if stmt.is_null() {
         return;

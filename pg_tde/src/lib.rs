@@ -55,6 +55,14 @@ pub extern "C-unwind" fn _PG_init() {
             "Add pg_tde to shared_preload_libraries in postgresql.conf and restart the server."
         );
     }
+    // pgrx re-raises the PostgreSQL ERRORs it catches at its guards with a Rust
+    // backtrace in DETAIL when std's backtrace capture is enabled, which
+    // RUST_BACKTRACE in the server's environment does: a backtrace is never
+    // for clients.  RUST_LIB_BACKTRACE takes precedence for that capture and
+    // leaves panic messages in the server log (RUST_BACKTRACE) as they are.
+    // _PG_init runs in the postmaster before it starts any thread or child,
+    // which inherit the setting.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     keys::init_shmem();
     am::init();
