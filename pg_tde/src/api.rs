@@ -100,7 +100,69 @@ fn provider_kind_and_options(provider_type: Option<&str>, options: Option<Json>)
         raise_with(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "provider options must be a JSON object", None);
     }
     validate_options(kind, &options).or_raise();
+    check_server_files(kind, &options);
     (kind, options)
+}
+
+/// What a provider's options may reach on the server, checked before the
+/// provider is opened (which reads those files, and creates a keyring):
+///
+/// - naming a server file takes the rights `COPY` takes: superuser, or
+///   `pg_read_server_files` for the files a provider reads and
+///   `pg_write_server_files` for a keyring file, which it creates and writes;
+/// - a keyring file is never inside the data directory, for anyone: the
+///   server's own files must not be overwritten or created through a key
+///   provider (`standby.signal`, `postgresql.auto.conf`, pg_tde's key maps),
+///   and a keyring there would be copied with every base backup;
+/// - a Vault URL is `https://` unless a superuser allowed `http://`
+///   (`pg_tde.vault_allow_http`), as the token is sent with every request.
+fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
+    let files = tde_core::providers_catalog::server_files(kind, options).or_raise();
+    // SAFETY: plain catalog lookups on the current user.
+    let superuser = unsafe { pg_sys::superuser() };
+    let data_dir = std::env::current_dir().ok().map(|d| tde_core::providers_catalog::resolve_path(&d));
+    for (option, path, access) in files {
+        let write = access == tde_core::providers_catalog::FileAccess::Write;
+        if !superuser {
+            let (role, role_name) = if write {
+                (pg_sys::ROLE_PG_WRITE_SERVER_FILES, "pg_write_server_files")
+            } else {
+                (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files")
+            };
+            // SAFETY: a catalog lookup on the current user and a built-in role.
+            let allowed = unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) };
+            if !allowed {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    &format!("permission denied to name a server file in option \"{option}\""),
+                    Some(&format!(
+                        "Only superusers and members of {role_name} may make the server {} its files, as with COPY.",
+                        if write { "create and write" } else { "read" }
+                    )),
+                );
+            }
+        }
+        if write {
+            let resolved = tde_core::providers_catalog::resolve_path(&path);
+            if data_dir.as_ref().is_some_and(|d| resolved.starts_with(d)) {
+                raise_with(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    &format!("keyring file \"{}\" is inside the data directory", path.display()),
+                    Some("Keep keyring files outside the data directory: the server's own files must not be written through a key provider, and base backups would copy the keys with the data."),
+                );
+            }
+        }
+    }
+    if kind == ProviderKind::VaultV2
+        && tde_core::providers_catalog::vault_uses_plain_http(options)
+        && !crate::gucs::VAULT_ALLOW_HTTP.get()
+    {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "Vault key providers must use https://",
+            Some("http:// sends the Vault token in clear. For a local test server only, a superuser may set pg_tde.vault_allow_http = on."),
+        );
+    }
 }
 
 /// Open a provider with the given settings and check that it is usable.

@@ -20,6 +20,9 @@ pub enum CipherSetting {
 pub static CIPHER: GucSetting<CipherSetting> = GucSetting::<CipherSetting>::new(CipherSetting::Aes128Xts);
 pub static ENFORCE_ENCRYPTION: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static INHERIT_GLOBAL_PROVIDERS: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Allow Vault providers on plain `http://` (the token then travels in clear):
+/// for tests against a local development server only.
+pub static VAULT_ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Test-only: name of a point at which the server process crashes (see
 /// [`crash_point`]).  Hidden from SHOW ALL; superuser only.
 pub static TEST_CRASH_POINT: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
@@ -79,6 +82,14 @@ pub fn init() {
         &TEST_CRASH_POINT,
         GucContext::Suset,
         GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tde.vault_allow_http",
+        c"Allow Vault key providers on plain http:// (the token is sent in clear).",
+        c"For tests against a local development server only.",
+        &VAULT_ALLOW_HTTP,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"pg_tde.inherit_global_providers",

@@ -657,8 +657,11 @@ def test_access_control(tde, keyring):
     assert not (keyring / "r.json").exists()
     assert "r-vault" not in providers(t)
 
-    # global key management
+    # global key management; naming a keyring file also takes the right to
+    # write server files, as COPY ... TO does (issue 15)
     t.sql("SELECT pg_tde_grant_global_key_management_to_role('r2')")
+    refused("r2", f"SELECT pg_tde_add_database_key_provider_file('r2-vault', '{keyring}/r2.json')", "no pg_write_server_files")
+    t.sql("GRANT pg_write_server_files TO r2")
     t.sql(f"SET ROLE r2; SELECT pg_tde_add_database_key_provider_file('r2-vault', '{keyring}/r2.json')")
     t.sql(f"SET ROLE r2; SELECT pg_tde_add_global_key_provider_file('r2-global', '{keyring}/r2g.json');"
           "SELECT pg_tde_create_key_using_global_key_provider('r2dk', 'r2-global');"

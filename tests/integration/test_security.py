@@ -62,3 +62,70 @@ def test_errors_reach_clients_as_postgresql_raised_them(backtrace_env_cluster):
     # an error of pg_tde's own
     out = _error_output(c, "SELECT pg_tde_set_key_using_database_key_provider('k', 'no-such-provider')")
     _no_rust(out)
+
+
+# ---------------------------------------------------------------------------
+# Case 1: what a key administrator can reach on the server's file system
+
+
+@pytest.fixture
+def key_admin(tde):
+    """A cluster with a key administrator `ka` that is not a superuser."""
+    tde.sql("CREATE ROLE ka LOGIN; SELECT pg_tde_grant_global_key_management_to_role('ka');"
+            "SELECT pg_tde_grant_database_key_management_to_role('ka')")
+    return tde
+
+
+def _as(c: Cluster, role: str, query: str):
+    r = subprocess.run(c.psql_args() + ["-U", role, "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"],
+                       input=query, capture_output=True, text=True)
+    return r
+
+
+def test_key_admin_cannot_create_files_in_the_data_directory(key_admin, keyring):
+    c = key_admin
+    signal = c.datadir / "standby.signal"
+    r = _as(c, "ka", f"SELECT pg_tde_add_global_key_provider_file('x', '{signal}')")
+    assert r.returncode != 0 and "42501" in r.stderr and "pg_write_server_files" in r.stderr, r.stderr
+    assert not signal.exists()
+    # with pg_write_server_files, files outside the data directory only
+    c.sql("GRANT pg_write_server_files TO ka")
+    r = _as(c, "ka", f"SELECT pg_tde_add_global_key_provider_file('x', '{signal}')")
+    assert r.returncode != 0 and "inside the data directory" in r.stderr, r.stderr
+    assert not signal.exists()
+    for inside in (c.datadir / "pg_tde" / "16384_keys", c.datadir / "base" / ".." / "postgresql.auto.conf"):
+        r = _as(c, "ka", f"SELECT pg_tde_add_global_key_provider_file('y', '{inside}')")
+        assert r.returncode != 0 and "inside the data directory" in r.stderr, r.stderr
+    # also through a symbolic link to it, and for a superuser
+    link = keyring / "to-data"
+    link.symlink_to(c.datadir)
+    e = c.sql_error(f"SELECT pg_tde_add_global_key_provider_file('z', '{link}/standby.signal')")
+    assert "inside the data directory" in e.message, e.output
+    assert not signal.exists()
+    r = _as(c, "ka", f"SELECT pg_tde_add_global_key_provider_file('ok', '{keyring}/ka.json')")
+    assert r.returncode == 0, r.stderr
+    c.restart()
+    assert c.sql("SELECT pg_is_in_recovery()") == "f"
+
+
+def test_key_admin_needs_read_rights_for_vault_and_kmip_files(key_admin):
+    c = key_admin
+    vault = ("SELECT pg_tde_add_global_key_provider_vault_v2('v', 'https://127.0.0.1:1', 'secret', "
+             f"'{c.datadir}/postgresql.auto.conf', NULL)")
+    r = _as(c, "ka", vault)
+    assert r.returncode != 0 and "42501" in r.stderr and "pg_read_server_files" in r.stderr, r.stderr
+    kmip = ("SELECT pg_tde_add_global_key_provider_kmip('k', '127.0.0.1', 1, "
+            f"'{c.datadir}/server.crt', '{c.datadir}/server.key', '/etc/ssl/ca.pem')")
+    r = _as(c, "ka", kmip)
+    assert r.returncode != 0 and "42501" in r.stderr, r.stderr
+
+
+def test_vault_over_plain_http_is_refused(tde, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s.secret")
+    q = f"SELECT pg_tde_add_global_key_provider_vault_v2('v', 'http://127.0.0.1:1', 'secret', '{token}', NULL)"
+    e = tde.sql_error(q)
+    assert e.sqlstate == "22023" and "https" in e.message, e.output
+    # a superuser's explicit opt-in for a local test server gets past this check
+    e = tde.sql_error("SET pg_tde.vault_allow_http = on; " + q)
+    assert "https://" not in e.message, e.output

@@ -97,6 +97,68 @@ pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
     }
 }
 
+/// How a provider uses a file of the server named by one of its options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileAccess {
+    /// Read only (a token, a certificate, a private key, a CA bundle).
+    Read,
+    /// Read, created and written (a keyring file, with its lock and probe files).
+    Write,
+}
+
+/// The server files that a provider's options name: (option, path, access).
+/// The options must have passed [`validate_options`].
+pub fn server_files(
+    kind: ProviderKind,
+    options: &Value,
+) -> Result<Vec<(&'static str, std::path::PathBuf, FileAccess)>> {
+    Ok(match kind {
+        ProviderKind::File => vec![("path", parse_file_options(options)?, FileAccess::Write)],
+        ProviderKind::VaultV2 => {
+            let o = parse_vault_options(options)?;
+            let mut v = vec![("tokenPath", o.token_path, FileAccess::Read)];
+            v.extend(o.ca_path.map(|p| ("caPath", p, FileAccess::Read)));
+            v
+        }
+        ProviderKind::Kmip => {
+            let o = parse_kmip_options(options)?;
+            vec![
+                ("certPath", o.cert_path, FileAccess::Read),
+                ("keyPath", o.key_path, FileAccess::Read),
+                ("caPath", o.ca_path, FileAccess::Read),
+            ]
+        }
+    })
+}
+
+/// Whether a Vault provider's options use plain `http://`, which sends the
+/// token in clear.
+pub fn vault_uses_plain_http(options: &Value) -> bool {
+    parse_vault_options(options).is_ok_and(|o| o.url.to_ascii_lowercase().starts_with("http://"))
+}
+
+/// `path` with its symbolic links and `..` resolved as far as it exists (the
+/// names that do not exist yet appended as they are), for comparing where a
+/// file that may not exist yet would be.  A `..` after a name that does not
+/// exist cannot be resolved: such a path resolves to itself.
+pub fn resolve_path(path: &Path) -> std::path::PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut missing: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(mut out) = existing.canonicalize() {
+            out.extend(missing.iter().rev());
+            return out;
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 impl Default for ProviderCatalog {
     fn default() -> Self {
         ProviderCatalog { next_id: 1, providers: Vec::new() }
@@ -407,5 +469,29 @@ mod tests {
         }
         std::fs::write(&token, "s.token\n").unwrap();
         open_provider(c.by_id(vid).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn paths_resolve_through_links_and_missing_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let canon = real.canonicalize().unwrap();
+        assert_eq!(resolve_path(&dir.path().join("link/new/file.json")), canon.join("new/file.json"));
+        assert_eq!(resolve_path(&dir.path().join("real/../real/x")), canon.join("x"));
+        assert!(resolve_path(&dir.path().join("link/missing/../x")).ends_with("missing/../x"));
+    }
+
+    #[test]
+    fn server_files_of_each_kind() {
+        let files = server_files(ProviderKind::File, &serde_json::json!({"path": "/k/keyring.json"})).unwrap();
+        assert_eq!(files, vec![("path", std::path::PathBuf::from("/k/keyring.json"), FileAccess::Write)]);
+        let v = serde_json::json!({"url": "http://v:8200", "mountPath": "secret", "tokenPath": "/t", "caPath": "/ca"});
+        let files = server_files(ProviderKind::VaultV2, &v).unwrap();
+        assert_eq!(files.iter().map(|f| f.0).collect::<Vec<_>>(), ["tokenPath", "caPath"]);
+        assert!(files.iter().all(|f| f.2 == FileAccess::Read));
+        assert!(vault_uses_plain_http(&v));
+        assert!(!vault_uses_plain_http(&serde_json::json!({"url": "https://v", "mountPath": "s", "tokenPath": "/t"})));
     }
 }
