@@ -246,6 +246,27 @@ pub fn verified_principal(header: &KeyMapHeader) -> Result<Zeroizing<Vec<u8>>> {
     Ok(key)
 }
 
+/// Zero and drop a principal key from the shared cache when no key map refers
+/// to it any more (rotated away or deleted).  Other processes only ever hold
+/// transient, zeroized copies.
+pub fn forget_principal_if_unused(r: &PrincipalRef) {
+    let in_use = || -> Result<bool> {
+        let mut dbs = databases_with_maps()?;
+        dbs.extend([DEFAULT_KEY_DB, SERVER_KEY_DB]);
+        for db in dbs {
+            if database_header(db)?.is_some_and(|h| same_principal(&h.principal, r)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    match in_use() {
+        Ok(false) => forget_principal(r),
+        Ok(true) => {}
+        Err(e) => crate::errors::warn("could not tell whether a retired principal key is still in use", &e),
+    }
+}
+
 fn forget_principal(r: &PrincipalRef) {
     let mut cache = PRINCIPAL_CACHE.exclusive();
     for slot in cache.slots.iter_mut().filter(|s| s.matches(r.provider_id, &r.name)) {
@@ -305,6 +326,9 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
             Ok::<bool, TdeError>(true)
         })?;
         if done {
+            if let Some(old) = before.filter(|h| !same_principal(&h.principal, &principal)) {
+                forget_principal_if_unused(&old.principal);
+            }
             return Ok(());
         }
     }
@@ -590,13 +614,18 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
 /// Remove a key map (a database's principal key, or the default or server
 /// key): WAL first, then the file.
 pub fn remove_map(db_oid: u32) -> Result<()> {
+    let before = database_header(db_oid).ok().flatten();
     with_key_files_lock(|| {
         rmgr::log_map_remove(db_oid);
         crate::gucs::crash_point("map_remove_after_wal");
         remove_map_file(db_oid)?;
         bump_generation();
-        Ok(())
-    })
+        Ok::<(), TdeError>(())
+    })?;
+    if let Some(h) = before {
+        forget_principal_if_unused(&h.principal);
+    }
+    Ok(())
 }
 
 fn remove_map_file(db_oid: u32) -> Result<()> {
@@ -612,7 +641,8 @@ fn remove_map_file(db_oid: u32) -> Result<()> {
 /// Returns whether the map was removed.
 pub fn remove_map_if_unused(db_oid: u32) -> Result<bool> {
     crate::gucs::pause_point("delete_key_before_lock");
-    with_key_files_lock(|| {
+    let before = database_header(db_oid).ok().flatten();
+    let removed = with_key_files_lock(|| {
         if relation_key_count(db_oid)? > 0 {
             return Ok(false);
         }
@@ -621,7 +651,11 @@ pub fn remove_map_if_unused(db_oid: u32) -> Result<bool> {
         remove_map_file(db_oid)?;
         bump_generation();
         Ok(true)
-    })
+    })?;
+    if let (true, Some(h)) = (removed, before) {
+        forget_principal_if_unused(&h.principal);
+    }
+    Ok(removed)
 }
 
 /// Remove the key map of a database that no longer exists (dropped), or of
@@ -693,11 +727,16 @@ pub fn headers_using_provider(provider_id: i32) -> Result<Vec<(u32, KeyMapHeader
 // Redo: apply WAL-logged changes to the files (no principal key needed).
 
 pub fn redo_map_remove(db_oid: u32) -> Result<()> {
+    let before = database_header(db_oid).ok().flatten();
     with_key_files_lock(|| {
         remove_map_file(db_oid)?;
         bump_generation();
-        Ok(())
-    })
+        Ok::<(), TdeError>(())
+    })?;
+    if let Some(h) = before {
+        forget_principal_if_unused(&h.principal);
+    }
+    Ok(())
 }
 
 pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
@@ -725,11 +764,15 @@ pub fn redo_relation_key(db_oid: u32, entry: &KeyMapEntry) -> Result<()> {
 
 pub fn redo_map_rewrite(db_oid: u32, header: &KeyMapHeader, entries: &[KeyMapEntry]) -> Result<()> {
     ensure_key_dir()?;
+    let before = database_header(db_oid).ok().flatten();
     with_key_files_lock(|| {
         keymap::rewrite(&map_path(db_oid), header, entries)?;
         bump_generation();
         Ok::<(), TdeError>(())
     })?;
+    if let Some(old) = before.filter(|h| !same_principal(&h.principal, &header.principal)) {
+        forget_principal_if_unused(&old.principal);
+    }
     // This server's own WAL key records from before the key-encryption key
     // (a standby's receiver keys, a backup's) are re-wrapped by it as soon as
     // the map that adds it is replayed, while the server key that wraps them

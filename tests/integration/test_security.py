@@ -129,3 +129,46 @@ def test_vault_over_plain_http_is_refused(tde, tmp_path):
     # a superuser's explicit opt-in for a local test server gets past this check
     e = tde.sql_error("SET pg_tde.vault_allow_http = on; " + q)
     assert "https://" not in e.message, e.output
+
+
+# ---------------------------------------------------------------------------
+# Case 3: retired principal keys leave shared memory
+
+
+def _shared_memory_holds(c: Cluster, needle: bytes) -> bool:
+    """Whether the postmaster's writable mappings (shared memory included,
+    which every backend's cache writes go to) hold `needle`.  The postmaster
+    itself never handles keys."""
+    pid = c.postmaster_pid()
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in addr.split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    found = True
+            except OSError:
+                continue
+    return found
+
+
+def test_rotated_principal_key_leaves_the_shared_cache(tde, keyring):
+    import json
+    c = tde
+    c.sql("CREATE TABLE t (v text) USING tde_heap; INSERT INTO t VALUES ('x')")
+    c.sql("SELECT pg_tde_create_key_using_database_key_provider('k2', 'file-vault')")
+
+    def key_bytes(name):
+        keys = json.loads((keyring / "keyring.json").read_text())["keys"]
+        return bytes.fromhex(next(k["key_hex"] for k in keys if k["name"] == name))
+
+    old, new = key_bytes("principal-key"), key_bytes("k2")
+    assert _shared_memory_holds(c, old), "the scan cannot see the cache"
+    c.sql("SELECT pg_tde_set_key_using_database_key_provider('k2', 'file-vault')")
+    assert c.sql("SELECT count(*) FROM t") == "1"
+    assert _shared_memory_holds(c, new)
+    assert not _shared_memory_holds(c, old), "the retired principal key is still in shared memory"
