@@ -178,8 +178,7 @@ fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option
     let name = required_name(name, "provider name");
     let (kind, options) = provider_kind_and_options(provider_type, options);
     let db = scope_db(global);
-    keys::with_key_files_lock(|| {
-        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+    let duplicate = |catalog: &ProviderCatalog| {
         if catalog.providers.iter().any(|p| p.db_oid == db && p.name == name) {
             raise_with(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
@@ -187,7 +186,14 @@ fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option
                 None,
             );
         }
-        reach_provider(name, kind, &options, db);
+    };
+    duplicate(&ProviderCatalog::load(&keys::providers_path()).or_raise());
+    // The provider is contacted before the key-file lock is taken: a slow or
+    // stalled provider must not hold up key creation, unlinks and replay.
+    reach_provider(name, kind, &options, db);
+    keys::with_key_files_lock(|| {
+        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+        duplicate(&catalog);
         catalog.add(name, kind, options, db).or_raise();
         keys::save_providers(&catalog).or_raise();
     });
@@ -198,8 +204,7 @@ fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Opt
     let name = required_name(name, "provider name");
     let (kind, options) = provider_kind_and_options(provider_type, options);
     let db = scope_db(global);
-    keys::with_key_files_lock(|| {
-        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+    let find = |catalog: &ProviderCatalog| {
         let Some(id) = catalog.providers.iter().find(|p| p.db_oid == db && p.name == name).map(|p| p.id) else {
             raise_with(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -207,31 +212,46 @@ fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Opt
                 None,
             )
         };
-        let provider = reach_provider(name, kind, &options, db);
-        // Every principal key in use through this provider must be reachable
-        // with the new settings and identical to the key in use.
-        for (_, header) in keys::headers_using_provider(id).or_raise() {
-            let key = match provider.get_key(&header.principal.name).or_raise() {
-                Some(k) => k,
-                None => raise_with(
-                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-                    &format!(
-                        "principal key \"{}\" is in use but cannot be found with the new settings of key provider \"{name}\"",
-                        header.principal.name
-                    ),
-                    None,
+        id
+    };
+    let id = find(&ProviderCatalog::load(&keys::providers_path()).or_raise());
+    // The provider is contacted before the key-file lock is taken (see
+    // add_provider); under the lock, nothing it was checked for may have changed.
+    let provider = reach_provider(name, kind, &options, db);
+    // Every principal key in use through this provider must be reachable
+    // with the new settings and identical to the key in use.
+    let checked = keys::headers_using_provider(id).or_raise();
+    for (_, header) in &checked {
+        let key = match provider.get_key(&header.principal.name).or_raise() {
+            Some(k) => k,
+            None => raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                &format!(
+                    "principal key \"{}\" is in use but cannot be found with the new settings of key provider \"{name}\"",
+                    header.principal.name
                 ),
-            };
-            if header.verify_principal(&key.key).is_err() {
-                raise_with(
-                    PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
-                    &format!(
-                        "principal key \"{}\" differs in the provider reached with the new settings of \"{name}\"",
-                        header.principal.name
-                    ),
-                    None,
-                );
-            }
+                None,
+            ),
+        };
+        if header.verify_principal(&key.key).is_err() {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                &format!(
+                    "principal key \"{}\" differs in the provider reached with the new settings of \"{name}\"",
+                    header.principal.name
+                ),
+                None,
+            );
+        }
+    }
+    keys::with_key_files_lock(|| {
+        let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
+        if find(&catalog) != id || keys::headers_using_provider(id).or_raise() != checked {
+            raise_with(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                &format!("key provider \"{name}\" or the keys it holds changed while it was being checked"),
+                Some("Retry the change."),
+            );
         }
         catalog.change(id, kind, options).or_raise();
         keys::save_providers(&catalog).or_raise();

@@ -172,3 +172,58 @@ def test_rotated_principal_key_leaves_the_shared_cache(tde, keyring):
     assert c.sql("SELECT count(*) FROM t") == "1"
     assert _shared_memory_holds(c, new)
     assert not _shared_memory_holds(c, old), "the retired principal key is still in shared memory"
+
+
+# ---------------------------------------------------------------------------
+# Case 2 (part): a stalled provider holds no lock that others need
+
+
+def test_stalled_provider_check_does_not_block_key_creation(tde, keyring):
+    import socket
+    import threading
+    import time
+    c = tde
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    conns = []
+    stop = threading.Event()
+
+    def accept_and_stall():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])  # accepted, never answered
+            except OSError:
+                pass
+
+    acceptor = threading.Thread(target=accept_and_stall, daemon=True)
+    acceptor.start()
+    token = keyring / "token"
+    token.write_text("s.token")
+    from cluster import chown
+    chown(token)
+    adder = subprocess.Popen(
+        c.psql_args() + ["-c", f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{port}', "
+                               f"'secret', '{token}', NULL)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while not conns and time.time() < deadline:
+            time.sleep(0.05)
+        assert conns, "the provider check never connected"
+        # the provider check is now stalled; key creation goes on meanwhile
+        t0 = time.time()
+        c.sql("CREATE TABLE during_stall (v text) USING tde_heap; INSERT INTO during_stall VALUES ('x')")
+        assert time.time() - t0 < 3, "key creation waited for the stalled provider"
+        assert adder.poll() is None, "the provider check was expected to still be waiting"
+    finally:
+        adder.wait(timeout=60)
+        stop.set()
+        acceptor.join()
+        for s in conns:
+            s.close()
+        srv.close()
+    assert adder.returncode != 0
+    assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"
