@@ -261,4 +261,14 @@ mod tests {
         assert_eq!(parse_segment_name("000000020000000000000004.partial", DEFAULT_SEGMENT_SIZE).unwrap(), (2, 4));
         assert!(parse_segment_name("00000002.history", DEFAULT_SEGMENT_SIZE).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_file_name_or_arguments(name in ".{0,40}", args in proptest::collection::vec(".{0,12}", 0..6)) {
+            let _ = parse_segment_name(&name, DEFAULT_SEGMENT_SIZE);
+            let _ = parse_segment_name(&name, 1 << 20);
+            let _ = wrapper_args(&args, "usage");
+            let _ = segment_size_of(name.len() as u64);
+        }
+    }
 }
