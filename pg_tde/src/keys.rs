@@ -94,7 +94,10 @@ impl From<pg_sys::RelFileLocator> for FileId {
 // ---------------------------------------------------------------------------
 // Shared memory
 
-const PRINCIPAL_SLOTS: usize = 32;
+/// Principal keys the shared cache holds.  Keys no map refers to any more are
+/// dropped at once, so the slots hold keys in use: far more than a cluster has
+/// databases with keys of their own.  The server key is pinned.
+const PRINCIPAL_SLOTS: usize = 512;
 const MAX_NAME: usize = 256;
 
 /// One cached principal key, identified by provider id and key name.
@@ -102,6 +105,9 @@ const MAX_NAME: usize = 256;
 #[repr(C)]
 pub struct PrincipalSlot {
     in_use: bool,
+    /// Never evicted (the server key, which WAL writes need inside a
+    /// critical section, where no provider may be asked).
+    pinned: bool,
     provider_id: i32,
     name_len: u16,
     name: [u8; MAX_NAME],
@@ -118,8 +124,15 @@ pub struct PrincipalCache {
 
 impl Default for PrincipalCache {
     fn default() -> Self {
-        let empty =
-            PrincipalSlot { in_use: false, provider_id: 0, name_len: 0, name: [0; MAX_NAME], key_len: 0, key: [0; 32] };
+        let empty = PrincipalSlot {
+            in_use: false,
+            pinned: false,
+            provider_id: 0,
+            name_len: 0,
+            name: [0; MAX_NAME],
+            key_len: 0,
+            key: [0; 32],
+        };
         PrincipalCache { slots: [empty; PRINCIPAL_SLOTS], next_victim: 0 }
     }
 }
@@ -181,19 +194,35 @@ fn cache_principal(provider_id: i32, name: &str, key: &[u8]) {
     {
         Some(i) => i,
         None => {
-            let i = cache.next_victim as usize % PRINCIPAL_SLOTS;
-            cache.next_victim = cache.next_victim.wrapping_add(1);
+            // Full: evict round robin, never a pinned key.
+            let Some(i) = (0..PRINCIPAL_SLOTS)
+                .map(|k| (cache.next_victim as usize + k) % PRINCIPAL_SLOTS)
+                .find(|&i| !cache.slots[i].pinned)
+            else {
+                return;
+            };
+            cache.next_victim = (i as u32).wrapping_add(1);
             i
         }
     };
     let slot = &mut cache.slots[idx];
+    let pinned = slot.matches(provider_id, name) && slot.pinned;
     slot.key.fill(0);
     slot.in_use = true;
+    slot.pinned = pinned;
     slot.provider_id = provider_id;
     slot.name_len = name.len() as u16;
     slot.name[..name.len()].copy_from_slice(name.as_bytes());
     slot.key_len = key.len() as u8;
     slot.key[..key.len()].copy_from_slice(key);
+}
+
+/// Keep a cached principal key from eviction (the server key).
+pub fn pin_principal(r: &PrincipalRef) {
+    let mut cache = PRINCIPAL_CACHE.exclusive();
+    for slot in cache.slots.iter_mut().filter(|s| s.matches(r.provider_id, &r.name)) {
+        slot.pinned = true;
+    }
 }
 
 /// Fetch a principal key from its provider, bypassing the cache.
@@ -272,6 +301,7 @@ fn forget_principal(r: &PrincipalRef) {
     for slot in cache.slots.iter_mut().filter(|s| s.matches(r.provider_id, &r.name)) {
         slot.key.fill(0);
         slot.in_use = false;
+        slot.pinned = false;
     }
 }
 
@@ -349,7 +379,8 @@ pub fn set_server_principal(principal: PrincipalRef, key: &[u8]) -> Result<()> {
         ensure_wal_kek()?;
         crate::wal::upgrade_legacy_records()?;
     }
-    set_database_principal(SERVER_KEY_DB, principal, key)?;
+    set_database_principal(SERVER_KEY_DB, principal.clone(), key)?;
+    pin_principal(&principal);
     ensure_wal_kek()
 }
 

@@ -103,6 +103,29 @@ pub fn init() {
     }
 }
 
+/// Make sure the server key is in the shared cache, pinned, before this
+/// process could need it inside a critical section: called on every WAL read
+/// (cheap once done), and the startup process reads the checkpoint record
+/// before a server incarnation writes any WAL.  A provider that cannot be
+/// reached fails the read with a clear error (the startup process: the server
+/// does not start), never a WAL write.
+fn ensure_server_key_cached() -> Result<()> {
+    thread_local! {
+        static DONE: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+    }
+    // Again after a rotation (a new key) or a crash restart of the cache.
+    let generation = WAL_SHARED.share().generation;
+    if DONE.with(|d| d.get()) == generation || !has_wal_keys() {
+        return Ok(());
+    }
+    if let Some(header) = keys::database_header(keys::SERVER_KEY_DB)? {
+        keys::verified_principal(&header)?;
+        keys::pin_principal(&header.principal);
+    }
+    DONE.with(|d| d.set(generation));
+    Ok(())
+}
+
 /// What unwraps the WAL key records: the server key (checked against its
 /// key map) and the WAL key-encryption key the map holds.
 fn wal_wrapping() -> Result<Wrapping> {
@@ -402,6 +425,9 @@ unsafe extern "C-unwind" fn wal_read(
 ) {
     // SAFETY: the caller has just read nbytes bytes into buf.
     let data = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, nbytes) };
+    if let Err(e) = ensure_server_key_cached() {
+        errors::raise(e);
+    }
     // Most WAL of a server that never encrypted is plaintext: skip key loading
     // unless a page is flagged.
     match wal::any_page_flagged(data, startptr, &mut |page| header_from_file(fd, offset, startptr, page)) {

@@ -227,3 +227,34 @@ def test_stalled_provider_check_does_not_block_key_creation(tde, keyring):
         srv.close()
     assert adder.returncode != 0
     assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"
+
+
+def test_wal_writes_never_reach_the_provider(clusters_wal, keyring):
+    """More principal keys in use than the old 32-slot cache held, then the
+    provider gone: a new backend's first WAL write (inside a critical section)
+    finds the server key in the cache instead of asking the provider, which
+    would be a PANIC."""
+    from test_wal import new_cluster
+    c = new_cluster(clusters_wal, "sk-pinned", keyring, wal_encrypt=True)
+    c.sql("CREATE TABLE h (v text) USING heap")
+    # 40 principal keys through the cache in one session (whose WAL keys are
+    # loaded already, so it never looks the server key up again)
+    c.sql("".join(f"SELECT pg_tde_create_key_using_global_key_provider('dk{i}', 'g');"
+                  f"SELECT pg_tde_set_default_key_using_global_key_provider('dk{i}', 'g');" for i in range(40)))
+    moved = keyring / "keyring.json.away"
+    (keyring / "keyring.json").rename(moved)
+    try:
+        for i in range(3):
+            c.sql(f"INSERT INTO h VALUES ('w{i}')")  # a new backend each time
+        assert c.sql("SELECT count(*) FROM h") == "3"
+        assert "PANIC" not in c.logfile.read_text(errors="replace"), c.log_tail()
+    finally:
+        moved.rename(keyring / "keyring.json")
+
+
+@pytest.fixture
+def clusters_wal():
+    made: list[Cluster] = []
+    yield made
+    for c in reversed(made):
+        c.destroy()
