@@ -169,8 +169,7 @@ fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
 fn reach_provider(name: &str, kind: ProviderKind, options: &serde_json::Value, db: u32) -> Box<dyn KeyProvider> {
     let probe = ProviderRecord { id: 0, name: name.to_string(), kind, options: options.clone(), db_oid: db };
     let provider = open_provider(&probe).or_raise();
-    provider.check().or_raise();
-    provider
+    crate::provider_call::cancellable(move || provider.check().map(|_| provider)).or_raise()
 }
 
 fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option<Json>, global: bool) {
@@ -568,7 +567,8 @@ fn fetch_key_for_set(
     let provider_name = required_name(provider_name, "provider name");
     let rec = find_provider(provider_name, global);
     let provider = open_provider(&rec).or_raise();
-    let Some(key) = provider.get_key(key_name).or_raise() else {
+    let name = key_name.to_string();
+    let Some(key) = crate::provider_call::cancellable(move || provider.get_key(&name)).or_raise() else {
         raise_with(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             &format!("key \"{key_name}\" does not exist in key provider \"{provider_name}\""),

@@ -238,7 +238,8 @@ pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u
         other => TdeError::Provider(format!("key provider \"{}\": {other}", rec.name)),
     };
     let provider = open_provider(rec).map_err(in_provider)?;
-    match provider.get_key(&r.name).map_err(in_provider)? {
+    let name = r.name.clone();
+    match crate::provider_call::cancellable(move || provider.get_key(&name)).map_err(in_provider)? {
         Some(k) => Ok(k.key),
         None => {
             Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name)))

@@ -14,6 +14,7 @@
 //! - [`am`]: the `tde_heap` table access method;
 //! - [`hooks`]: object-access, utility and relation-file hooks that decide
 //!   which new relation files are encrypted;
+//! - [`provider_call`]: key-provider calls that a session can cancel;
 //! - [`rmgr`]: the WAL resource manager that makes key changes crash-safe and
 //!   replicated;
 //! - [`wal`]: WAL encryption through the core patch's WAL segment hooks;
@@ -31,6 +32,7 @@ mod ffi;
 mod gucs;
 mod hooks;
 mod keys;
+mod provider_call;
 mod rmgr;
 mod smgr;
 mod tests;

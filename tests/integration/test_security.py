@@ -258,3 +258,68 @@ def clusters_wal():
     yield made
     for c in reversed(made):
         c.destroy()
+
+
+class _StallingServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.srv.settimeout(0.2)
+        self.port = self.srv.getsockname()[1]
+        self.conns = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                self.conns.append(self.srv.accept()[0])
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        for s in self.conns:
+            s.close()
+        self.srv.close()
+
+
+def test_provider_calls_can_be_cancelled(tde, keyring):
+    import time
+    from cluster import chown
+    c = tde
+    token = keyring / "token"
+    token.write_text("s.token")
+    chown(token)
+    stall = _StallingServer()
+    try:
+        q = (f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{stall.port}', "
+             f"'secret', '{token}', NULL)")
+        t0 = time.time()
+        e = c.sql_error("SET statement_timeout = '1s'; " + q)
+        took = time.time() - t0
+        assert e.sqlstate == "57014", e.output
+        assert took < 3, f"statement_timeout took {took:.1f} s to end a stalled provider call"
+        # and pg_cancel_backend
+        import subprocess as sp
+        p = sp.Popen(c.psql_args() + ["-c", q], stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+        deadline = time.time() + 10
+        while c.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_tde_add_global%'") != "1":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        t0 = time.time()
+        c.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_tde_add_global%'")
+        _, err = p.communicate(timeout=30)
+        assert "canceling statement due to user request" in err, err
+        assert time.time() - t0 < 2
+    finally:
+        stall.close()
+    assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"

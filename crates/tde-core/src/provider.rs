@@ -40,7 +40,7 @@ impl fmt::Debug for PrincipalKey {
 }
 
 /// A store of principal keys.
-pub trait KeyProvider {
+pub trait KeyProvider: Send {
     /// Fetch a key by name; `Ok(None)` if the provider does not have it.
     fn get_key(&self, name: &str) -> Result<Option<PrincipalKey>>;
     /// Create and store a new random key of `len` bytes; error `Invalid("... already exists")`
