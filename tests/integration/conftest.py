@@ -31,3 +31,13 @@ def tde(cluster, keyring):
     """A running cluster whose postgres database has pg_tde and a principal key."""
     setup_encryption(cluster, keyring)
     return cluster
+
+
+@pytest.fixture
+def clusters():
+    """A list the test appends the clusters it makes to; all are destroyed
+    after the test, the last made first."""
+    made: list[Cluster] = []
+    yield made
+    for c in reversed(made):
+        c.destroy()

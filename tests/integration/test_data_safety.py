@@ -14,21 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster import BIN, Cluster, SQLError, chown, make_dir, setup_encryption
+from cluster import Cluster, SQLError, chown, make_dir, setup_encryption
 from test_replication import dboid, digest, make_standby, wait_for_replay
 import struct
 
 from test_wal import SEG_SIZE, XLP_TDE_ENCRYPTED, flush_wal, lsn_int, new_cluster, seg_name, set_wal_encrypt, wal_files_with
 from test_wal_tools import TOOLS, segments
 from test_key_management import wait_until_up
-
-
-@pytest.fixture
-def clusters():
-    made: list[Cluster] = []
-    yield made
-    for c in reversed(made):
-        c.destroy()
 
 
 def fill_enc(c: Cluster, table: str, marker: str, n: int = 300, db: str = "postgres") -> None:
@@ -52,7 +44,6 @@ def test_server_key_rotation_with_encrypted_wal(clusters, keyring, tmp_path):
     fill_enc(p, "t", m1)
     flush_wal(p)
     wait_for_replay(p, s)
-    segs_before = {x.name for x in segments(p)}
 
     p.sql("SELECT pg_tde_create_key_using_global_key_provider('server-key-2', 'g')")
     p.sql("SELECT pg_tde_set_server_key_using_global_key_provider('server-key-2', 'g')")

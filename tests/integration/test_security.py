@@ -178,88 +178,6 @@ def test_rotated_principal_key_leaves_the_shared_cache(tde, keyring):
 # Case 2 (part): a stalled provider holds no lock that others need
 
 
-def test_stalled_provider_check_does_not_block_key_creation(tde, keyring):
-    import socket
-    import threading
-    import time
-    c = tde
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    port = srv.getsockname()[1]
-    conns = []
-    stop = threading.Event()
-
-    def accept_and_stall():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])  # accepted, never answered
-            except OSError:
-                pass
-
-    acceptor = threading.Thread(target=accept_and_stall, daemon=True)
-    acceptor.start()
-    token = keyring / "token"
-    token.write_text("s.token")
-    from cluster import chown
-    chown(token)
-    adder = subprocess.Popen(
-        c.psql_args() + ["-c", f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{port}', "
-                               f"'secret', '{token}', NULL)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 10
-        while not conns and time.time() < deadline:
-            time.sleep(0.05)
-        assert conns, "the provider check never connected"
-        # the provider check is now stalled; key creation goes on meanwhile
-        t0 = time.time()
-        c.sql("CREATE TABLE during_stall (v text) USING tde_heap; INSERT INTO during_stall VALUES ('x')")
-        assert time.time() - t0 < 3, "key creation waited for the stalled provider"
-        assert adder.poll() is None, "the provider check was expected to still be waiting"
-    finally:
-        adder.wait(timeout=60)
-        stop.set()
-        acceptor.join()
-        for s in conns:
-            s.close()
-        srv.close()
-    assert adder.returncode != 0
-    assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"
-
-
-def test_wal_writes_never_reach_the_provider(clusters_wal, keyring):
-    """More principal keys in use than the old 32-slot cache held, then the
-    provider gone: a new backend's first WAL write (inside a critical section)
-    finds the server key in the cache instead of asking the provider, which
-    would be a PANIC."""
-    from test_wal import new_cluster
-    c = new_cluster(clusters_wal, "sk-pinned", keyring, wal_encrypt=True)
-    c.sql("CREATE TABLE h (v text) USING heap")
-    # 40 principal keys through the cache in one session (whose WAL keys are
-    # loaded already, so it never looks the server key up again)
-    c.sql("".join(f"SELECT pg_tde_create_key_using_global_key_provider('dk{i}', 'g');"
-                  f"SELECT pg_tde_set_default_key_using_global_key_provider('dk{i}', 'g');" for i in range(40)))
-    moved = keyring / "keyring.json.away"
-    (keyring / "keyring.json").rename(moved)
-    try:
-        for i in range(3):
-            c.sql(f"INSERT INTO h VALUES ('w{i}')")  # a new backend each time
-        assert c.sql("SELECT count(*) FROM h") == "3"
-        assert "PANIC" not in c.logfile.read_text(errors="replace"), c.log_tail()
-    finally:
-        moved.rename(keyring / "keyring.json")
-
-
-@pytest.fixture
-def clusters_wal():
-    made: list[Cluster] = []
-    yield made
-    for c in reversed(made):
-        c.destroy()
-
-
 class _StallingServer:
     """Accepts TCP connections on 127.0.0.1 and never answers."""
 
@@ -289,6 +207,59 @@ class _StallingServer:
         for s in self.conns:
             s.close()
         self.srv.close()
+
+
+def test_stalled_provider_check_does_not_block_key_creation(tde, keyring):
+    import time
+    c = tde
+    stall = _StallingServer()
+    token = keyring / "token"
+    token.write_text("s.token")
+    from cluster import chown
+    chown(token)
+    adder = subprocess.Popen(
+        c.psql_args() + ["-c", f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{stall.port}', "
+                               f"'secret', '{token}', NULL)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while not stall.conns and time.time() < deadline:
+            time.sleep(0.05)
+        assert stall.conns, "the provider check never connected"
+        # the provider check is now stalled; key creation goes on meanwhile
+        t0 = time.time()
+        c.sql("CREATE TABLE during_stall (v text) USING tde_heap; INSERT INTO during_stall VALUES ('x')")
+        assert time.time() - t0 < 3, "key creation waited for the stalled provider"
+        assert adder.poll() is None, "the provider check was expected to still be waiting"
+    finally:
+        adder.wait(timeout=60)
+        stall.close()
+    assert adder.returncode != 0
+    assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"
+
+
+def test_wal_writes_never_reach_the_provider(clusters, keyring):
+    """More principal keys in use than the old 32-slot cache held, then the
+    provider gone: a new backend's first WAL write (inside a critical section)
+    finds the server key in the cache instead of asking the provider, which
+    would be a PANIC."""
+    from test_wal import new_cluster
+    c = new_cluster(clusters, "sk-pinned", keyring, wal_encrypt=True)
+    c.sql("CREATE TABLE h (v text) USING heap")
+    # 40 principal keys through the cache in one session (whose WAL keys are
+    # loaded already, so it never looks the server key up again)
+    c.sql("".join(f"SELECT pg_tde_create_key_using_global_key_provider('dk{i}', 'g');"
+                  f"SELECT pg_tde_set_default_key_using_global_key_provider('dk{i}', 'g');" for i in range(40)))
+    moved = keyring / "keyring.json.away"
+    (keyring / "keyring.json").rename(moved)
+    try:
+        for i in range(3):
+            c.sql(f"INSERT INTO h VALUES ('w{i}')")  # a new backend each time
+        assert c.sql("SELECT count(*) FROM h") == "3"
+        assert "PANIC" not in c.logfile.read_text(errors="replace"), c.log_tail()
+    finally:
+        moved.rename(keyring / "keyring.json")
+
 
 
 def test_provider_calls_can_be_cancelled(tde, keyring):

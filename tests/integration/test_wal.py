@@ -23,7 +23,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from cluster import BIN, Cluster, as_user, chown, pg_major, setup_encryption
 from test_replication import make_standby, wait_for_replay
@@ -67,14 +66,6 @@ def new_cluster(clusters: list, name: str, keyring: Path, wal_encrypt: bool, ext
     if wal_encrypt:
         set_wal_encrypt(c, True)
     return c
-
-
-@pytest.fixture
-def clusters():
-    made: list[Cluster] = []
-    yield made
-    for c in reversed(made):
-        c.destroy()
 
 
 def wal_files(c: Cluster) -> list[Path]:
