@@ -646,18 +646,29 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
 /// Remove a key map (a database's principal key, or the default or server
 /// key): WAL first, then the file.
 pub fn remove_map(db_oid: u32) -> Result<()> {
+    remove_map_checked(db_oid, false).map(|_| ())
+}
+
+/// Remove a key map under the key-file lock (WAL first, then the file), if
+/// `only_if_unused` then only when it holds no relation key; a principal key
+/// no map refers to any more then leaves the shared cache.  Returns whether
+/// the map was removed.
+fn remove_map_checked(db_oid: u32, only_if_unused: bool) -> Result<bool> {
     let before = database_header(db_oid).ok().flatten();
-    with_key_files_lock(|| {
+    let removed = with_key_files_lock(|| {
+        if only_if_unused && relation_key_count(db_oid)? > 0 {
+            return Ok(false);
+        }
         rmgr::log_map_remove(db_oid);
         crate::gucs::crash_point("map_remove_after_wal");
         remove_map_file(db_oid)?;
         bump_generation();
-        Ok::<(), TdeError>(())
+        Ok::<bool, TdeError>(true)
     })?;
-    if let Some(h) = before {
+    if let (true, Some(h)) = (removed, before) {
         forget_principal_if_unused(&h.principal);
     }
-    Ok(())
+    Ok(removed)
 }
 
 fn remove_map_file(db_oid: u32) -> Result<()> {
@@ -673,21 +684,7 @@ fn remove_map_file(db_oid: u32) -> Result<()> {
 /// Returns whether the map was removed.
 pub fn remove_map_if_unused(db_oid: u32) -> Result<bool> {
     crate::gucs::pause_point("delete_key_before_lock");
-    let before = database_header(db_oid).ok().flatten();
-    let removed = with_key_files_lock(|| {
-        if relation_key_count(db_oid)? > 0 {
-            return Ok(false);
-        }
-        rmgr::log_map_remove(db_oid);
-        crate::gucs::crash_point("map_remove_after_wal");
-        remove_map_file(db_oid)?;
-        bump_generation();
-        Ok(true)
-    })?;
-    if let (true, Some(h)) = (removed, before) {
-        forget_principal_if_unused(&h.principal);
-    }
-    Ok(removed)
+    remove_map_checked(db_oid, true)
 }
 
 /// Remove the key map of a database that no longer exists (dropped), or of
