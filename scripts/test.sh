@@ -84,6 +84,9 @@ for major in $MAJORS; do
     mkdir -p "$PGRX_TEST_DATA"
     chown "$PG_TDE_OS_USER" "$PGRX_TEST_DATA"
     chmod a+rwx "$PG_TDE_CACHE" "$PGRX_HOME"
+    # Keyrings that earlier runs' in-backend tests left behind (keys are not
+    # transactional, so they outlive each test's rollback).
+    rm -rf "${TMPDIR:-/tmp}"/pg_tde_pgtest_*
     (cd pg_tde && cargo pgrx test "pg$major" "${features[@]}" --runas "$PG_TDE_OS_USER" --pgdata "$PGRX_TEST_DATA/pg$major")
 
     if [ "$major" -ge 18 ]; then

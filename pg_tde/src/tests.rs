@@ -7,9 +7,21 @@
 mod tests {
     use pgrx::prelude::*;
 
+    /// A keyring file of this test's own.  Provider-side keys are not
+    /// transactional, so they outlive the test's rollback: the directory is
+    /// unique per backend *and* per run (process ids are reused, and a keyring
+    /// left by an earlier run would already hold the key a test creates).
     fn keyring_path(name: &str) -> String {
-        let dir = std::env::temp_dir().join(format!("pg_tde_pgtest_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            let dir = std::env::temp_dir().join(format!("pg_tde_pgtest_{}_{nanos}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            dir
+        });
         dir.join(format!("{name}.json")).display().to_string()
     }
 
