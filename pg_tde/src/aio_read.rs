@@ -160,6 +160,15 @@ unsafe extern "C-unwind" fn shmem_startup() {
     }
 }
 
+/// Where the key slots are in shared memory (start, length), for
+/// [`crate::key_memory`]; `None` before they exist.
+pub fn key_slots_region() -> Option<(usize, usize)> {
+    SLOTS.with(|s| {
+        let s = s.borrow();
+        (!s.ptr.is_null()).then(|| (s.ptr as usize, s.len * size_of::<IoKeySlot>()))
+    })
+}
+
 /// The slot of AIO handle `id`.
 ///
 /// # Safety

@@ -537,14 +537,23 @@ fn create_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool)
     let provider_name = required_name(provider_name, "provider name");
     let rec = find_provider(provider_name, global);
     let provider = open_provider(&rec).or_raise();
-    if provider.get_key(key_name).or_raise().is_some() {
+    let (name, len) = (key_name.to_string(), gucs::cipher().principal_key_len());
+    // Both provider calls on a helper thread, so that the session can cancel them; the new
+    // key is dropped (wiped) there.
+    let created = crate::provider_call::cancellable(move || {
+        if provider.get_key(&name)?.is_some() {
+            return Ok(false);
+        }
+        provider.create_key(&name, len).map(|_| true)
+    })
+    .or_raise();
+    if !created {
         raise_with(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             &format!("key \"{key_name}\" already exists in key provider \"{provider_name}\""),
             None,
         );
     }
-    provider.create_key(key_name, gucs::cipher().principal_key_len()).or_raise();
 }
 
 #[pg_extern(name = "pg_tde_create_key_using_database_key_provider")]

@@ -159,6 +159,13 @@ pub fn init_shmem() {
     pg_shmem_init!(KEY_GENERATION);
 }
 
+/// Where the principal-key cache is in shared memory (start, length), for
+/// [`crate::key_memory`].  Called in the postmaster once the cache exists.
+pub fn principal_cache_region() -> (usize, usize) {
+    let cache = PRINCIPAL_CACHE.share();
+    (&*cache as *const PrincipalCache as usize, std::mem::size_of::<PrincipalCache>())
+}
+
 fn bump_generation() {
     KEY_GENERATION.get().fetch_add(1, Ordering::AcqRel);
 }

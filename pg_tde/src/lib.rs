@@ -6,6 +6,7 @@
 //!
 //! - [`gucs`]: the `pg_tde.*` settings;
 //! - [`errors`]: mapping of core errors to SQLSTATEs;
+//! - [`key_memory`]: the shared key caches kept out of core dumps and swap;
 //! - [`keys`]: the key hierarchy as PostgreSQL sees it (principal-key cache in
 //!   shared memory, per-relation key lookup and creation);
 //! - [`smgr`]: the encrypting storage manager installed through the core patch;
@@ -31,6 +32,7 @@ mod errors;
 mod ffi;
 mod gucs;
 mod hooks;
+mod key_memory;
 mod keys;
 mod provider_call;
 mod rmgr;
@@ -74,6 +76,8 @@ pub extern "C-unwind" fn _PG_init() {
     rmgr::init();
     hooks::init();
     wal::init();
+    // Last: its shared-memory hook runs after the others have allocated.
+    key_memory::init();
 }
 
 /// Required by `cargo pgrx test`.

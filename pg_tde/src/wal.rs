@@ -106,16 +106,18 @@ pub fn init() {
 /// Make sure the server key is in the shared cache, pinned, before this
 /// process could need it inside a critical section: called on every WAL read
 /// (cheap once done), and the startup process reads the checkpoint record
-/// before a server incarnation writes any WAL.  A provider that cannot be
-/// reached fails the read with a clear error (the startup process: the server
-/// does not start), never a WAL write.
+/// before a server incarnation writes any WAL.  Needed when WAL keys exist
+/// (to read them) or WAL encryption is on (the first WAL write adds a key
+/// record, wrapped with the server key's map, inside `XLogWrite`).  A provider
+/// that cannot be reached fails the read with a clear error (the startup
+/// process: the server does not start), never a WAL write.
 fn ensure_server_key_cached() -> Result<()> {
     thread_local! {
         static DONE: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
     }
     // Again after a rotation (a new key) or a crash restart of the cache.
     let generation = WAL_SHARED.share().generation;
-    if DONE.with(|d| d.get()) == generation || !has_wal_keys() {
+    if DONE.with(|d| d.get()) == generation || !(WAL_ENCRYPT.get() || has_wal_keys()) {
         return Ok(());
     }
     if let Some(header) = keys::database_header(keys::SERVER_KEY_DB)? {

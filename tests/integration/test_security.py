@@ -174,6 +174,63 @@ def test_rotated_principal_key_leaves_the_shared_cache(tde, keyring):
     assert not _shared_memory_holds(c, old), "the retired principal key is still in shared memory"
 
 
+def _address_of(pid: int, needle: bytes) -> int | None:
+    """The address of `needle` in the writable mappings of process `pid`."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in addr.split("-"))
+            try:
+                mem.seek(start)
+                at = mem.read(end - start).find(needle)
+            except OSError:
+                continue
+            if at >= 0:
+                return start + at
+    return None
+
+
+def _mapping_at(pid: int, address: int) -> dict:
+    """The /proc/<pid>/smaps entry of the mapping that holds `address`:
+    its VmFlags (a set) and its Locked size in kB."""
+    entry = None
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                entry = {"range": (start, end)} if start <= address < end else None
+            elif entry is not None:
+                if head[0] == "VmFlags:":
+                    entry["flags"] = set(head[1:])
+                    return entry
+                if head[0] == "Locked:":
+                    entry["locked_kb"] = int(head[1])
+    raise AssertionError(f"no mapping of process {pid} holds {address:#x}")
+
+
+def test_shared_key_cache_is_kept_out_of_core_dumps_and_swap(tde, keyring):
+    import json
+    c = tde
+    c.sql("CREATE TABLE t (v text) USING tde_heap; INSERT INTO t VALUES ('x')")
+    keys = json.loads((keyring / "keyring.json").read_text())["keys"]
+    key = bytes.fromhex(next(k["key_hex"] for k in keys if k["name"] == "principal-key"))
+    postmaster = c.postmaster_pid()
+    address = _address_of(postmaster, key)
+    assert address is not None, "the principal key is not in the shared cache"
+    mapping = _mapping_at(postmaster, address)
+    assert "dd" in mapping["flags"], f"the shared key cache would be in core dumps: {mapping}"
+    # Forked children inherit the exclusion from core dumps.
+    checkpointer = int(c.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'"))
+    assert "dd" in _mapping_at(checkpointer, address)["flags"]
+    log = c.logfile.read_text(errors="replace")
+    if "could not lock its shared key caches" in log:
+        pytest.skip("the OS refused to lock the key cache (RLIMIT_MEMLOCK); the server said so in its log")
+    assert "lo" in mapping["flags"] and mapping["locked_kb"] > 0, f"the shared key cache is not locked: {mapping}"
+
+
 # ---------------------------------------------------------------------------
 # Case 2 (part): a stalled provider holds no lock that others need
 
@@ -261,6 +318,33 @@ def test_wal_writes_never_reach_the_provider(clusters, keyring):
         moved.rename(keyring / "keyring.json")
 
 
+def test_first_encrypted_wal_write_finds_the_server_key_cached(clusters, keyring):
+    """WAL encryption turned on for the first time: no WAL key exists, so the
+    first WAL write adds one inside XLogWrite's critical section, wrapped with
+    the server key's map.  The server key must have been loaded when the
+    server started; fetched there from a provider that fails, it was a PANIC
+    (and the crash restart PANICked again)."""
+    from test_wal import new_cluster, wal_keys_path, set_wal_encrypt
+    c = new_cluster(clusters, "sk-first-write", keyring, wal_encrypt=False)
+    c.sql("CREATE TABLE h (v text) USING heap")
+    # Nothing but our INSERT may write WAL after the next start: no standby
+    # snapshots, no autovacuum, and the wal_level change logged now, in plaintext.
+    c.configure("wal_level = minimal\nmax_wal_senders = 0\nautovacuum = off")
+    c.restart()
+    assert not wal_keys_path(c).exists()
+    set_wal_encrypt(c, True)
+    assert not wal_keys_path(c).exists(), "WAL was written before the test's INSERT"
+    moved = keyring / "keyring.json.away"
+    (keyring / "keyring.json").rename(moved)
+    try:
+        c.sql("INSERT INTO h VALUES ('first encrypted write')")
+        assert c.sql("SELECT count(*) FROM h") == "1"
+        assert "PANIC" not in c.logfile.read_text(errors="replace"), c.log_tail()
+        assert wal_keys_path(c).exists()
+    finally:
+        moved.rename(keyring / "keyring.json")
+
+
 
 def test_provider_calls_can_be_cancelled(tde, keyring):
     import time
@@ -294,3 +378,61 @@ def test_provider_calls_can_be_cancelled(tde, keyring):
     finally:
         stall.close()
     assert c.sql("SELECT count(*) FROM pg_tde_list_all_global_key_providers() WHERE name = 'stalled'") == "0"
+
+
+class _VaultThatStallsOnKeys:
+    """A plain-HTTP stand-in for Vault on 127.0.0.1 that answers the
+    reachability check (a KV version 2 mount) and never answers a key read."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        release = self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.startswith("/v1/sys/mounts/"):
+                    body = b'{"type": "kv", "options": {"version": "2"}}'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    release.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_key_creation_in_a_stalled_provider_can_be_cancelled(tde, keyring):
+    import time
+    from cluster import chown
+    c = tde
+    token = keyring / "token"
+    token.write_text("s.token")
+    chown(token)
+    vault = _VaultThatStallsOnKeys()
+    try:
+        c.sql("SET pg_tde.vault_allow_http = on; "
+              f"SELECT pg_tde_add_global_key_provider_vault_v2('slow', 'http://127.0.0.1:{vault.port}', "
+              f"'secret', '{token}', NULL)")
+        t0 = time.time()
+        e = c.sql_error("SET statement_timeout = '1s'; "
+                        "SELECT pg_tde_create_key_using_global_key_provider('k-slow', 'slow')")
+        took = time.time() - t0
+        assert e.sqlstate == "57014", e.output
+        assert took < 3, f"statement_timeout took {took:.1f} s to end a stalled key creation"
+    finally:
+        vault.close()

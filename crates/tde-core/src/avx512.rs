@@ -24,7 +24,8 @@
 //! equivalent inverse cipher's keys).  The round keys are the `aes` crate's
 //! (exposed by the vendored patch in `third_party/`); only the instructions that
 //! apply them are here.  The broadcast round keys live in registers and the
-//! stack frame of that one function, as they do in the crate's own VAES back end.
+//! stack frame of that one function, which wipes them (with the tweaks) before
+//! it returns; a test reads the stack afterwards to check.
 //!
 //! **CTR** (WAL) needs the big-endian counter blocks `c, c+1, ...`: four
 //! 128-bit lanes count in little-endian 64-bit halves and are byte-reversed
@@ -369,6 +370,11 @@ mod x86 {
                 t[i] = mul_alpha32(t[i], poly);
             });
         }
+        // The broadcast round keys (and the tweaks and blocks) were spilled to this frame
+        // between rounds: wipe them before it is given up.
+        zeroize::Zeroize::zeroize(&mut keys);
+        zeroize::Zeroize::zeroize(&mut t);
+        zeroize::Zeroize::zeroize(&mut x);
     }
 
     /// # Safety
@@ -419,6 +425,45 @@ mod tests {
     fn times_x(t: u128) -> u128 {
         let carry = t >> 127;
         (t << 1) ^ if carry == 1 { 0x87 } else { 0 }
+    }
+
+    /// The 64-byte broadcasts of the round keys that `xts_avx512` spills to its stack frame
+    /// are wiped before it returns: the stack below the caller, read through
+    /// `/proc/self/mem` after the call, holds none of them.
+    #[test]
+    fn fused_xts_leaves_no_round_keys_on_the_stack() {
+        let Some(v) = Avx512::detect().and_then(Avx512::vaes) else {
+            eprintln!("no AVX-512 VAES on this CPU: nothing to test");
+            return;
+        };
+        fn broadcasts_left(v: Vaes512, decrypt: bool) -> usize {
+            // Distinctive round keys, on the heap, so that only the callee's copies can be
+            // found below this frame.
+            let round_keys: Box<[[u8; 16]; 15]> =
+                Box::new(std::array::from_fn(|r| std::array::from_fn(|i| 0xA0 ^ (r as u8) << 3 ^ i as u8)));
+            let first = [[7u8; 16]; 8];
+            let mut data = vec![[0u8; 16]; FUSED_BLOCKS * 2];
+            v.xts_fused(&round_keys[..], decrypt, None, &mut data, &first);
+            std::hint::black_box(&data);
+            let marker = 0u8;
+            let here = std::hint::black_box(&marker) as *const u8 as u64;
+            let mut below = vec![0u8; 64 * 1024];
+            let mem = std::fs::File::open("/proc/self/mem").expect("open /proc/self/mem");
+            let from = here - below.len() as u64;
+            std::os::unix::fs::FileExt::read_exact_at(&mem, &mut below, from)
+                .expect("read this thread's stack below the current frame");
+            round_keys
+                .iter()
+                .filter(|rk| {
+                    let broadcast: Vec<u8> = rk.iter().copied().cycle().take(64).collect();
+                    below.windows(64).any(|w| w == broadcast.as_slice())
+                })
+                .count()
+        }
+        for decrypt in [false, true] {
+            let left = std::thread::spawn(move || broadcasts_left(v, decrypt)).join().unwrap();
+            assert_eq!(left, 0, "{left} broadcast round keys left on the stack (decrypt: {decrypt})");
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - [`keymap`]: the per-database internal key map file `$PGDATA/pg_tde/<dboid>_keys`;
 //! - [`provider`]: the key provider trait and the file keyring provider;
 //! - [`providers_catalog`]: the cluster's registry of configured key providers
-//!   (`$PGDATA/pg_tde/providers.json`).
+//!   (`$PGDATA/pg_tde/providers.json`);
+//! - [`secret_buf`]: buffers for key material that are wiped whenever they grow.
 //!
 //! Every error is a [`TdeError`]; no error message contains key bytes.
 #![deny(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod keymap;
 pub mod provider;
 pub mod providers_catalog;
 mod rng;
+pub mod secret_buf;
 #[cfg(test)]
 mod testutil;
 pub mod wal;

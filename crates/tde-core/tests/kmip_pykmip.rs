@@ -447,3 +447,44 @@ fn keys_made_by_other_clients() {
     assert!(m.contains("2 symmetric keys are named \"twice\""), "{m}");
     assert!(!m.contains("0101") && !m.contains("0202"), "no key bytes in messages: {m}");
 }
+
+/// A server that accepts, answers with the start of a TLS record and then sends one byte
+/// every 200 ms: every read completes well within the read timeout, so only the
+/// operation's deadline can end the call (before the deadline, it would wait for the
+/// record's 16 KiB for almost an hour).  Needs no pykmip-server, only certificates.
+#[test]
+fn a_trickling_server_is_cut_off_by_the_operation_deadline() {
+    use std::io::Write;
+    let pki = Pki::new();
+    let listener = TcpListener::bind((LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                // A handshake record header announcing 16384 bytes, then one byte at a time.
+                if conn.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]).is_err() {
+                    return;
+                }
+                while conn.write_all(&[0x00]).is_ok() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+    });
+    let options = KmipOptions {
+        host: "127.0.0.1".into(),
+        port,
+        cert_path: pki.path("client.crt"),
+        key_path: pki.path("client.key"),
+        ca_path: pki.path("ca.crt"),
+    };
+    let provider = KmipProvider::new(options).with_operation_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let message = provider_error(provider.get_key("any"));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "the call took {took:?}: {message}");
+    assert!(took >= Duration::from_millis(1500), "ended before the deadline ({took:?}): {message}");
+    assert!(message.contains("timed out"), "{message}");
+    assert!(message.contains("the whole operation 2 s"), "{message}");
+}

@@ -27,10 +27,13 @@ use zeroize::{Zeroize, Zeroizing};
 use super::{validate_key_name, KeyProvider, PrincipalKey};
 use crate::error::{Result, TdeError};
 use crate::fsutil;
+use crate::secret_buf::{read_secret_file, SecretBuf, SecretRead};
 
 const FORMAT: &str = "pg_tde-keyring";
 const VERSION: u32 = 1;
 const FILE_MODE: u32 = 0o600;
+/// Largest keyring file read (a key takes about 150 bytes).
+const MAX_KEYRING_BYTES: usize = 64 << 20;
 
 /// A keyring file holding principal keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,8 +108,12 @@ impl FileKeyring {
 
     /// Load the keyring; `Ok(None)` if the file does not exist.
     fn load(&self) -> Result<Option<KeyringFile>> {
-        let data = match fs::read(&self.path) {
-            Ok(d) => Zeroizing::new(d),
+        // Read into a buffer that is wiped whenever it grows.
+        let data = match read_secret_file(&self.path, MAX_KEYRING_BYTES) {
+            Ok(SecretRead::Complete(d)) => d,
+            Ok(SecretRead::TooLarge) => {
+                return Err(self.corrupt(format_args!("larger than {MAX_KEYRING_BYTES} bytes")));
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(TdeError::io(format!("could not read keyring file \"{}\"", self.path.display()), e)),
         };
@@ -124,13 +131,13 @@ impl FileKeyring {
     }
 
     fn save(&self, file: &KeyringFile) -> Result<()> {
-        // Pre-size the buffer so that serialization does not reallocate (and leave copies
-        // of key material in freed memory).
+        // Serialized into a buffer that is wiped whenever it grows (no copies of key
+        // material left in freed memory), pre-sized so that it seldom does.
         let estimate = 128 + file.keys.iter().map(|k| 64 + 6 * k.name.len() + k.key_hex.len()).sum::<usize>();
-        let mut buf = Zeroizing::new(Vec::with_capacity(estimate));
-        serde_json::to_writer_pretty(&mut *buf, file)
+        let mut buf = SecretBuf::with_capacity(estimate);
+        serde_json::to_writer_pretty(&mut buf, file)
             .map_err(|e| TdeError::Invalid(format!("could not serialize keyring: {e}")))?;
-        buf.push(b'\n');
+        buf.extend_from_slice(b"\n");
         fsutil::replace_atomic(&self.path, &buf, FILE_MODE)
     }
 

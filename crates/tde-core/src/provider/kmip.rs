@@ -15,23 +15,27 @@
 //! `keyPath`, `caPath`; see [`parse_kmip_options`].
 //!
 //! Transport: one connection per operation. TCP with a [`CONNECT_TIMEOUT`] connect timeout
-//! and [`IO_TIMEOUT`] read/write timeouts, then TLS 1.2 or 1.3 (rustls, ring) with mutual
+//! and [`IO_TIMEOUT`] read/write timeouts, and the whole operation (connection, handshake
+//! and every request) ends by a deadline ([`OPERATION_TIMEOUT`]), so that a server that
+//! trickles bytes cannot hold a caller longer; then TLS 1.2 or 1.3 (rustls, ring) with mutual
 //! authentication: the server's certificate must chain to the CA in `caPath` (the only
 //! trust anchor, the system store is never used) and match `host` (DNS name or IP address);
 //! the client presents `certPath` with `keyPath`. KMIP messages are encoded and decoded by
 //! the `kmip-protocol` / `kmip-ttlv` crates.
 //!
-//! Key material is held in zeroed-on-drop buffers here; the request and response buffers
-//! inside the KMIP crates are not wiped (best effort). No error message contains key bytes
+//! Key material is held in zeroed-on-drop buffers here, and each response is read into a
+//! buffer of ours that is wiped on drop; the buffer in which the KMIP crate encodes
+//! a `Register` request (key creation) grows without being wiped, and TLS keeps its own
+//! buffers (best effort). No error message contains key bytes
 //! or private-key file contents: decoding errors of responses that carry a key are reported
 //! without their details.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kmip_protocol::types::common::{
     AttributeName, AttributeValue, CryptographicAlgorithm, CryptographicLength, KeyFormatType, KeyMaterial, ObjectType,
@@ -54,6 +58,10 @@ use crate::error::{Result, TdeError};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read and write timeout on the connection (each TLS read or write).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest time one provider operation (`get_key`, `create_key`, `check`) may take, from
+/// the TCP connection to the last response: each read or write is also bounded by what is
+/// left of it.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest KMIP response accepted, in bytes.
 pub const MAX_RESPONSE_BYTES: u32 = 1024 * 1024;
 
@@ -147,6 +155,43 @@ pub fn parse_kmip_options(options: &Value) -> Result<KmipOptions> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KmipProvider {
     options: KmipOptions,
+    operation_timeout: Duration,
+}
+
+/// The TCP connection of one operation: every read and write waits at most
+/// [`IO_TIMEOUT`] and never past the operation's deadline.
+struct DeadlineStream {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl DeadlineStream {
+    /// What is left of the operation's time, or a `TimedOut` error once it has passed.
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the operation's deadline has passed"));
+        }
+        Ok(left.min(IO_TIMEOUT))
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.set_read_timeout(Some(self.left()?))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.set_write_timeout(Some(self.left()?))?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 /// How a KMIP request ended when the server answered it.
@@ -158,7 +203,14 @@ enum Outcome {
 impl KmipProvider {
     /// A provider with these settings (nothing is checked or contacted yet).
     pub fn new(options: KmipOptions) -> Self {
-        KmipProvider { options }
+        KmipProvider { options, operation_timeout: OPERATION_TIMEOUT }
+    }
+
+    /// The same provider with another overall deadline per operation than
+    /// [`OPERATION_TIMEOUT`] (tests use a short one).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
     }
 
     /// Validate `options` ([`parse_kmip_options`]) and build the provider.
@@ -261,9 +313,11 @@ impl KmipProvider {
             return self.err(format_args!("{what}: TLS error: {tls}{hint}"));
         }
         match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                self.err(format_args!("{what}: timed out after {} s", IO_TIMEOUT.as_secs()))
-            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => self.err(format_args!(
+                "{what}: timed out (each read or write may take {} s, the whole operation {} s)",
+                IO_TIMEOUT.as_secs(),
+                self.operation_timeout.as_secs_f32()
+            )),
             io::ErrorKind::UnexpectedEof => self.err(format_args!(
                 "{what}: the server closed the connection (TLS handshake or client certificate rejected?)"
             )),
@@ -273,6 +327,7 @@ impl KmipProvider {
 
     /// Open a TCP + TLS connection to the server and complete the TLS handshake.
     fn connect(&self) -> Result<Session<'_>> {
+        let deadline = Instant::now() + self.operation_timeout;
         let o = &self.options;
         let config = self.tls_config()?;
         let server_name = ServerName::try_from(o.host.clone())
@@ -285,7 +340,11 @@ impl KmipProvider {
         let mut tcp = None;
         let mut failure = None;
         for addr in &addrs {
-            match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT.min(left)) {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -293,25 +352,27 @@ impl KmipProvider {
                 Err(e) => failure = Some((addr, e)),
             }
         }
-        let mut tcp = match (tcp, failure) {
+        let tcp = match (tcp, failure) {
             (Some(s), _) => s,
             (None, Some((addr, e))) => {
                 // Name the address only when it is not already in the endpoint.
                 let to = if o.host.parse::<IpAddr>().is_ok() { String::new() } else { format!(" to {addr}") };
                 return Err(if e.kind() == io::ErrorKind::TimedOut {
-                    self.err(format_args!("could not connect{to}: timed out after {} s", CONNECT_TIMEOUT.as_secs()))
+                    self.err(format_args!(
+                        "could not connect{to}: timed out after {} s",
+                        CONNECT_TIMEOUT.min(self.operation_timeout).as_secs_f32()
+                    ))
                 } else {
                     self.err(format_args!("could not connect{to}: {e}"))
                 });
             }
-            (None, None) => return Err(self.err(format_args!("host \"{}\" has no address", o.host))),
+            (None, None) if addrs.is_empty() => {
+                return Err(self.err(format_args!("host \"{}\" has no address", o.host)))
+            }
+            (None, None) => return Err(self.err("could not connect: the operation's deadline has passed")),
         };
-        let setup = |tcp: &TcpStream| -> io::Result<()> {
-            tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-            tcp.set_write_timeout(Some(IO_TIMEOUT))?;
-            tcp.set_nodelay(true)
-        };
-        setup(&tcp).map_err(|e| self.err(format_args!("could not set up the connection: {e}")))?;
+        tcp.set_nodelay(true).map_err(|e| self.err(format_args!("could not set up the connection: {e}")))?;
+        let mut tcp = DeadlineStream { tcp, deadline };
 
         let mut conn = ClientConnection::new(config, server_name)
             .map_err(|e| self.err(format_args!("could not start TLS: {e}")))?;
@@ -325,7 +386,7 @@ impl KmipProvider {
 /// One connection to the server.
 struct Session<'a> {
     provider: &'a KmipProvider,
-    stream: StreamOwned<ClientConnection, TcpStream>,
+    stream: StreamOwned<ClientConnection, DeadlineStream>,
 }
 
 impl Drop for Session<'_> {
@@ -355,34 +416,28 @@ impl Session<'_> {
             .write_all(&bytes)
             .and_then(|()| self.stream.flush())
             .map_err(|e| p.io_err(format_args!("could not send the {op} request"), &e))?;
-        let config = kmip_ttlv::Config::new().with_max_bytes(MAX_RESPONSE_BYTES);
-        let mut response: ResponseMessage =
-            kmip_ttlv::from_reader(&mut self.stream, &config).map_err(|e| match e.kind() {
-                kmip_ttlv::error::ErrorKind::IoError(io) => {
-                    p.io_err(format_args!("no response to the {op} request"), io)
-                }
-                _ => p.err(format_args!("could not decode the response to the {op} request{}", detail(&e))),
-            })?;
-        if response.batch_items.len() != 1 {
+        let raw = self.read_message(op)?;
+        decode_response(&raw, op, sensitive).map_err(|e| p.err(e))
+    }
+
+    /// Read one TTLV message off the connection into a buffer that is wiped on drop (a
+    /// `Get` response holds the key): its 8-byte tag, type and length, then the value.
+    fn read_message(&mut self, op: Operation) -> Result<Zeroizing<Vec<u8>>> {
+        let p = self.provider;
+        let mut head = [0u8; 8];
+        self.stream.read_exact(&mut head).map_err(|e| p.io_err(format_args!("no response to the {op} request"), &e))?;
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if len > MAX_RESPONSE_BYTES - 8 {
             return Err(p.err(format_args!(
-                "expected one batch item in the response to the {op} request, got {}",
-                response.batch_items.len()
+                "the response to the {op} request announces {len} bytes, more than the {MAX_RESPONSE_BYTES} accepted"
             )));
         }
-        let item = response.batch_items.remove(0);
-        match item.result_status {
-            ResultStatus::Success => match (item.operation, item.payload) {
-                (Some(got), Some(payload)) if got == op => Ok(Outcome::Success(Box::new(payload))),
-                (Some(got), _) if got != op => {
-                    Err(p.err(format_args!("the server answered the {op} request with a {got} response")))
-                }
-                _ => Err(p.err(format_args!("the response to the {op} request has no payload"))),
-            },
-            ResultStatus::OperationFailed => {
-                Ok(Outcome::Failed { reason: item.result_reason, message: item.result_message.unwrap_or_default() })
-            }
-            other => Err(p.err(format_args!("unexpected result status {other} for the {op} request"))),
-        }
+        let mut raw = Zeroizing::new(vec![0u8; 8 + len as usize]);
+        raw[..8].copy_from_slice(&head);
+        self.stream
+            .read_exact(&mut raw[8..])
+            .map_err(|e| p.io_err(format_args!("incomplete response to the {op} request"), &e))?;
+        Ok(raw)
     }
 
     /// Like [`Session::request`], with a failed operation as an error.
@@ -421,31 +476,64 @@ impl Session<'_> {
         let p = self.provider;
         let what = format!("key \"{name}\" (object {uid})");
         let payload = RequestPayload::Get(Some(UniqueIdentifier(uid.to_string())), None, None, None);
-        let ResponsePayload::Get(got) = self.request_ok(payload, true, &what)? else {
-            return Err(p.err("unexpected payload in the Get response"));
-        };
-        let res::ManagedObject::SymmetricKey(res::SymmetricKey { key_block }) = got.cryptographic_object else {
-            return Err(p.err(format_args!("{what} is a {}, not a symmetric key", got.object_type)));
-        };
-        if key_block.key_wrapping_data.is_some() {
-            return Err(p.err(format_args!("{what} is returned wrapped; wrapped keys are not supported")));
-        }
-        let format = key_block.key_format_type;
-        let key = match key_block.key_value.key_material {
-            KeyMaterial::Bytes(bytes) if format == KeyFormatType::Raw => Zeroizing::new(bytes),
-            KeyMaterial::TransparentSymmetricKey(t) => Zeroizing::new(t.key),
-            other => {
-                if let KeyMaterial::Bytes(b) | KeyMaterial::Structure(b) = other {
-                    drop(Zeroizing::new(b)); // wipe what may be key material
-                }
-                return Err(p.err(format_args!("{what} has the unsupported key format {format}")));
-            }
-        };
-        if key.is_empty() {
-            return Err(p.err(format_args!("{what} has no key material")));
-        }
-        Ok(key)
+        let payload = self.request_ok(payload, true, &what)?;
+        symmetric_key(payload, &what).map_err(|e| p.err(e))
     }
+}
+
+/// Decode a response message (`raw`, one whole TTLV message) to a request for `op`.
+/// `sensitive`: the response may carry key material, so decoding errors say nothing of
+/// what they saw. Errors are messages for [`KmipProvider::err`].
+fn decode_response(raw: &[u8], op: Operation, sensitive: bool) -> std::result::Result<Outcome, String> {
+    let detail = |e: &dyn fmt::Display| if sensitive { String::new() } else { format!(": {e}") };
+    let mut response: ResponseMessage = kmip_ttlv::from_slice(raw)
+        .map_err(|e| format!("could not decode the response to the {op} request{}", detail(&e)))?;
+    if response.batch_items.len() != 1 {
+        return Err(format!(
+            "expected one batch item in the response to the {op} request, got {}",
+            response.batch_items.len()
+        ));
+    }
+    let item = response.batch_items.remove(0);
+    match item.result_status {
+        ResultStatus::Success => match (item.operation, item.payload) {
+            (Some(got), Some(payload)) if got == op => Ok(Outcome::Success(Box::new(payload))),
+            (Some(got), _) if got != op => Err(format!("the server answered the {op} request with a {got} response")),
+            _ => Err(format!("the response to the {op} request has no payload")),
+        },
+        ResultStatus::OperationFailed => {
+            Ok(Outcome::Failed { reason: item.result_reason, message: item.result_message.unwrap_or_default() })
+        }
+        other => Err(format!("unexpected result status {other} for the {op} request")),
+    }
+}
+
+/// The key material of a `Get` response payload (`what` names the key, for messages).
+fn symmetric_key(payload: ResponsePayload, what: &str) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+    let ResponsePayload::Get(got) = payload else {
+        return Err("unexpected payload in the Get response".into());
+    };
+    let res::ManagedObject::SymmetricKey(res::SymmetricKey { key_block }) = got.cryptographic_object else {
+        return Err(format!("{what} is a {}, not a symmetric key", got.object_type));
+    };
+    if key_block.key_wrapping_data.is_some() {
+        return Err(format!("{what} is returned wrapped; wrapped keys are not supported"));
+    }
+    let format = key_block.key_format_type;
+    let key = match key_block.key_value.key_material {
+        KeyMaterial::Bytes(bytes) if format == KeyFormatType::Raw => Zeroizing::new(bytes),
+        KeyMaterial::TransparentSymmetricKey(t) => Zeroizing::new(t.key),
+        other => {
+            if let KeyMaterial::Bytes(b) | KeyMaterial::Structure(b) = other {
+                drop(Zeroizing::new(b)); // wipe what may be key material
+            }
+            return Err(format!("{what} has the unsupported key format {format}"));
+        }
+    };
+    if key.is_empty() {
+        return Err(format!("{what} has no key material"));
+    }
+    Ok(key)
 }
 
 impl KeyProvider for KmipProvider {
@@ -648,5 +736,114 @@ mod tests {
         }
         assert!(matches!(KmipProvider::new(o.clone()).get_key(""), Err(TdeError::Invalid(_))));
         assert!(matches!(KmipProvider::new(o).create_key("k", 24), Err(TdeError::Invalid(_))));
+    }
+
+    /// TTLV items, for hand-made server responses.
+    fn item(tag: u32, ty: u8, value: &[u8]) -> Vec<u8> {
+        let mut out = tag.to_be_bytes()[1..].to_vec();
+        out.push(ty);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(8), 0);
+        out
+    }
+    fn structure(tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
+        item(tag, 0x01, &items.concat())
+    }
+    fn enumeration(tag: u32, v: u32) -> Vec<u8> {
+        item(tag, 0x05, &v.to_be_bytes())
+    }
+    fn integer(tag: u32, v: i32) -> Vec<u8> {
+        item(tag, 0x02, &v.to_be_bytes())
+    }
+
+    /// A KMIP 1.2 response to a `Get` that returns the raw AES key `key`.
+    fn get_response(key: &[u8]) -> Vec<u8> {
+        let header = structure(
+            0x42007A,
+            &[
+                structure(0x420069, &[integer(0x42006A, 1), integer(0x42006B, 2)]),
+                item(0x420092, 0x09, &1_700_000_000i64.to_be_bytes()),
+                integer(0x42000D, 1),
+            ],
+        );
+        let key_block = structure(
+            0x420040,
+            &[
+                enumeration(0x420042, 1), // Key Format Type: Raw
+                structure(0x420045, &[item(0x420043, 0x08, key)]),
+                enumeration(0x420028, 3), // Cryptographic Algorithm: AES
+                integer(0x42002A, key.len() as i32 * 8),
+            ],
+        );
+        let payload = structure(
+            0x42007C,
+            &[
+                enumeration(0x420057, 2), // Object Type: Symmetric Key
+                item(0x420094, 0x07, b"17"),
+                structure(0x42008F, &[key_block]),
+            ],
+        );
+        let batch_item = structure(
+            0x42000F,
+            &[
+                enumeration(0x42005C, 0x0A), // Operation: Get
+                enumeration(0x42007F, 0),    // Result Status: Success
+                payload,
+            ],
+        );
+        structure(0x42007B, &[header, batch_item])
+    }
+
+    fn decode_key(raw: &[u8]) -> std::result::Result<Zeroizing<Vec<u8>>, String> {
+        match decode_response(raw, Operation::Get, true)? {
+            Outcome::Success(payload) => symmetric_key(*payload, "key \"k\""),
+            Outcome::Failed { message, .. } => Err(format!("failed: {message}")),
+        }
+    }
+
+    #[test]
+    fn a_hand_made_get_response_decodes() {
+        let key: Vec<u8> = (1..=32).collect();
+        assert_eq!(&decode_key(&get_response(&key)).unwrap()[..], &key[..]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Mutated server responses (bytes overwritten, lengths changed, cut, extended)
+        /// decode to a key or to a clear error that shows none of the key: never a panic,
+        /// never an allocation the response's own length does not bound.
+        #[test]
+        fn mutated_get_responses_are_decoded_or_refused(
+            edits in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..6),
+            lengths in proptest::collection::vec((0usize..64, proptest::prelude::any::<u32>()), 0..3),
+            cut in proptest::option::of(0usize..4096),
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        ) {
+            let key: Vec<u8> = (0xC0..0xE0).collect();
+            let mut raw = get_response(&key);
+            // Overwrite the length field of some item (items start at multiples of 8 in
+            // the padded encoding; not every multiple of 8 is an item start, which is fine).
+            for (slot, len) in lengths {
+                let at = (slot * 8) % raw.len();
+                if at + 8 <= raw.len() {
+                    raw[at + 4..at + 8].copy_from_slice(&len.to_be_bytes());
+                }
+            }
+            for (at, b) in edits {
+                let i = at % raw.len();
+                raw[i] = b;
+            }
+            if let Some(c) = cut {
+                raw.truncate(c % (raw.len() + 1));
+            }
+            raw.extend_from_slice(&extra);
+            if let Err(message) = decode_key(&raw) {
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                proptest::prop_assert!(!message.contains(&hex), "{message}");
+                proptest::prop_assert!(!message.as_bytes().windows(8).any(|w| key.windows(8).any(|k| k == w)));
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -47,6 +47,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::{validate_key_name, KeyProvider, PrincipalKey};
 use crate::error::{Result, TdeError};
+use crate::secret_buf::{read_secret, SecretBuf, SecretRead};
 
 /// Time allowed to establish a connection (TCP and TLS).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +55,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest response body read from the server.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Largest token file read (Vault service tokens are about 100 bytes, batch tokens a few hundred).
+const MAX_TOKEN_FILE_BYTES: usize = 64 * 1024;
 /// Most same-origin redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
 /// Longest server error text quoted in an error message.
@@ -274,6 +277,16 @@ fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
 
 /// The `errors` of a Vault error body, or a printable prefix of a non-JSON body.
 fn server_text(body: &[u8]) -> String {
+    server_text_of(body, true)
+}
+
+/// The `errors` of a Vault error body only: for the answers to key reads, whose body,
+/// whatever the status, may hold the key.
+fn server_errors_text(body: &[u8]) -> String {
+    server_text_of(body, false)
+}
+
+fn server_text_of(body: &[u8], quote_non_json: bool) -> String {
     let text = match serde_json::from_slice::<Value>(body) {
         Ok(v) => match v.get("errors").and_then(Value::as_array) {
             Some(errors) => errors
@@ -283,7 +296,8 @@ fn server_text(body: &[u8]) -> String {
                 .join("; "),
             None => String::new(),
         },
-        Err(_) => String::from_utf8_lossy(body).chars().filter(|c| !c.is_control()).collect(),
+        Err(_) if quote_non_json => String::from_utf8_lossy(body).chars().filter(|c| !c.is_control()).collect(),
+        Err(_) => String::new(),
     };
     match text.char_indices().nth(MAX_SERVER_TEXT) {
         Some((cut, _)) => format!("{}...", &text[..cut]),
@@ -311,13 +325,17 @@ fn same_origin_redirects() -> redirect::Policy {
 
 /// Read the token file: one line of printable ASCII, surrounding whitespace ignored.
 fn read_token(path: &Path) -> Result<Zeroizing<String>> {
-    let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-        TdeError::Provider(format!(
-            "could not read the Vault token file \"{}\" (option tokenPath): {e}",
-            path.display()
-        ))
-    })?);
     let bad = |why: &str| TdeError::Provider(format!("Vault token file \"{}\" {why}", path.display()));
+    let bytes = match crate::secret_buf::read_secret_file(path, MAX_TOKEN_FILE_BYTES) {
+        Ok(SecretRead::Complete(bytes)) => bytes,
+        Ok(SecretRead::TooLarge) => return Err(bad(&format!("is larger than {MAX_TOKEN_FILE_BYTES} bytes"))),
+        Err(e) => {
+            return Err(TdeError::Provider(format!(
+                "could not read the Vault token file \"{}\" (option tokenPath): {e}",
+                path.display()
+            )))
+        }
+    };
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("is not text"))?.trim();
     if text.is_empty() {
         return Err(bad("is empty"));
@@ -466,21 +484,24 @@ impl VaultV2Provider {
             .send()
             .map_err(|e| self.error(format_args!("request to \"{url}\" failed: {}", describe_reqwest_error(&e))))?;
         let status = response.status();
+        // Read into a buffer that is wiped whenever it grows: the body may hold a key.
         let hint = response.content_length().unwrap_or(4096).min(MAX_RESPONSE_BYTES as u64) as usize;
-        let mut body = Zeroizing::new(Vec::with_capacity(hint + 1));
-        response.take(MAX_RESPONSE_BYTES as u64 + 1).read_to_end(&mut body).map_err(|e| {
-            self.error(format_args!("reading the response from \"{url}\" failed: {}", describe_error_chain(&e)))
-        })?;
-        if body.len() > MAX_RESPONSE_BYTES {
-            return Err(
-                self.error(format_args!("the response from \"{url}\" is larger than {MAX_RESPONSE_BYTES} bytes"))
-            );
+        let mut response = response;
+        match read_secret(&mut response, hint, MAX_RESPONSE_BYTES) {
+            Ok(SecretRead::Complete(body)) => Ok((status, body.into_inner())),
+            Ok(SecretRead::TooLarge) => {
+                Err(self.error(format_args!("the response from \"{url}\" is larger than {MAX_RESPONSE_BYTES} bytes")))
+            }
+            Err(e) => {
+                Err(self
+                    .error(format_args!("reading the response from \"{url}\" failed: {}", describe_error_chain(&e))))
+            }
         }
-        Ok((status, body))
     }
 
     /// The error for an unexpected HTTP status.
-    fn status_error(&self, url: &str, status: StatusCode, body: &[u8]) -> TdeError {
+    /// `server`: what the server said ([`server_text`] or [`server_errors_text`] of the body).
+    fn status_error(&self, url: &str, status: StatusCode, server: &str) -> TdeError {
         let hint = match status {
             StatusCode::FORBIDDEN => {
                 ": permission denied (the token is invalid or expired, or its policy does not allow this path)"
@@ -491,7 +512,6 @@ impl VaultV2Provider {
             StatusCode::TOO_MANY_REQUESTS => ": rate limited by the server",
             _ => "",
         };
-        let server = server_text(body);
         let server = if server.is_empty() { String::new() } else { format!("; the server said: {server}") };
         self.error(format_args!("HTTP {status} from \"{url}\"{hint}{server}"))
     }
@@ -512,9 +532,66 @@ impl VaultV2Provider {
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Err(self.error(format_args!(
                 "the mount does not exist or is not a KV version 2 secrets engine (\"{url}\" answered {status})"
             ))),
-            _ => Err(self.status_error(&url, status, &body)),
+            _ => Err(self.status_error(&url, status, &server_text(&body))),
         }
     }
+}
+
+/// Why a KV v2 read gave no key.
+enum ReadError {
+    /// An HTTP status that means an error (reported with [`VaultV2Provider::status_error`]).
+    Status,
+    /// A response that is not what a KV v2 secret of pg_tde looks like.
+    Message(String),
+}
+
+/// The key in the answer (`status`, `body`) to a KV v2 read of secret `name` at `url`:
+/// `None` for a missing secret. Messages never quote the body (it may hold the key).
+fn interpret_read(
+    name: &str,
+    url: &str,
+    status: StatusCode,
+    body: &[u8],
+) -> std::result::Result<Option<Zeroizing<Vec<u8>>>, ReadError> {
+    match status {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            // A missing (or deleted) secret: `{"errors": []}` or metadata without data.
+            // A missing mount: `{"errors": ["no handler for route ..."]}`.
+            let v: Option<Value> = serde_json::from_slice(body).ok();
+            let errors = v.as_ref().and_then(|v| v.get("errors")).and_then(Value::as_array);
+            return match (&v, errors) {
+                (Some(Value::Object(_)), None) => Ok(None),
+                (Some(_), Some(e)) if e.is_empty() => Ok(None),
+                _ => Err(ReadError::Status),
+            };
+        }
+        _ => return Err(ReadError::Status),
+    }
+    let response: ReadResponse = serde_json::from_slice(body).map_err(|e| {
+        // serde's message may quote values (key material): give only the position.
+        ReadError::Message(format!(
+            "unexpected response reading key \"{name}\" from \"{url}\": not a KV version 2 secret \
+             (JSON error at line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let secret = response.data.and_then(|d| d.data);
+    let Some(encoded) = secret.as_ref().and_then(|s| s.key.as_deref()) else {
+        return Err(ReadError::Message(format!(
+            "secret \"{name}\" at \"{url}\" has no string field \"key\" (not a pg_tde principal key)"
+        )));
+    };
+    let key = Zeroizing::new(
+        BASE64
+            .decode(encoded)
+            .map_err(|_| ReadError::Message(format!("field \"key\" of secret \"{name}\" is not valid base64")))?,
+    );
+    if key.is_empty() {
+        return Err(ReadError::Message(format!("field \"key\" of secret \"{name}\" is empty")));
+    }
+    Ok(Some(key))
 }
 
 /// Check a key name for this provider: the common rules plus Vault path rules.
@@ -533,45 +610,11 @@ impl KeyProvider for VaultV2Provider {
         validate_vault_key_name(name)?;
         let url = self.data_url(name);
         let (status, body) = self.send(self.client.get(&url), &url)?;
-        match status {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => {
-                // A missing (or deleted) secret: `{"errors": []}` or metadata without data.
-                // A missing mount: `{"errors": ["no handler for route ..."]}`.
-                let v: Option<Value> = serde_json::from_slice(&body).ok();
-                let errors = v.as_ref().and_then(|v| v.get("errors")).and_then(Value::as_array);
-                return match (&v, errors) {
-                    (Some(Value::Object(_)), None) => Ok(None),
-                    (Some(_), Some(e)) if e.is_empty() => Ok(None),
-                    _ => Err(self.status_error(&url, status, &body)),
-                };
-            }
-            _ => return Err(self.status_error(&url, status, &body)),
+        match interpret_read(name, &url, status, &body) {
+            Ok(key) => Ok(key.map(|key| PrincipalKey { name: name.to_string(), key })),
+            Err(ReadError::Status) => Err(self.status_error(&url, status, &server_errors_text(&body))),
+            Err(ReadError::Message(m)) => Err(self.error(m)),
         }
-        let response: ReadResponse = serde_json::from_slice(&body).map_err(|e| {
-            // serde's message may quote values (key material): give only the position.
-            self.error(format_args!(
-                "unexpected response reading key \"{name}\" from \"{url}\": not a KV version 2 secret \
-                 (JSON error at line {}, column {})",
-                e.line(),
-                e.column()
-            ))
-        })?;
-        let secret = response.data.and_then(|d| d.data);
-        let Some(encoded) = secret.as_ref().and_then(|s| s.key.as_deref()) else {
-            return Err(self.error(format_args!(
-                "secret \"{name}\" at \"{url}\" has no string field \"key\" (not a pg_tde principal key)"
-            )));
-        };
-        let key = Zeroizing::new(
-            BASE64
-                .decode(encoded)
-                .map_err(|_| self.error(format_args!("field \"key\" of secret \"{name}\" is not valid base64")))?,
-        );
-        if key.is_empty() {
-            return Err(self.error(format_args!("field \"key\" of secret \"{name}\" is empty")));
-        }
-        Ok(Some(PrincipalKey { name: name.to_string(), key }))
     }
 
     fn create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
@@ -583,14 +626,20 @@ impl KeyProvider for VaultV2Provider {
         crate::rng::fill(&mut key)?;
         let encoded = Zeroizing::new(BASE64.encode(&*key));
         let request = WriteRequest { options: WriteOptions { cas: 0 }, data: WriteData { key: &encoded } };
+        // Serialized into a buffer that is wiped as it grows; the HTTP and TLS
+        // libraries' own copies of the request are beyond our reach.
+        let mut json = SecretBuf::with_capacity(64 + encoded.len());
+        serde_json::to_writer(&mut json, &request)
+            .map_err(|e| self.error(format_args!("could not encode the request: {e}")))?;
         let url = self.data_url(name);
-        let (status, body) = self.send(self.client.post(&url).json(&request), &url)?;
+        let post = self.client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json");
+        let (status, body) = self.send(post.body(json.to_vec()), &url)?;
         match status {
             StatusCode::OK | StatusCode::NO_CONTENT => Ok(PrincipalKey { name: name.to_string(), key }),
             StatusCode::BAD_REQUEST if server_text(&body).contains("check-and-set") => {
                 Err(invalid(format!("key \"{name}\" already exists in the provider")))
             }
-            _ => Err(self.status_error(&url, status, &body)),
+            _ => Err(self.status_error(&url, status, &server_text(&body))),
         }
     }
 
@@ -607,7 +656,7 @@ impl KeyProvider for VaultV2Provider {
         match status {
             StatusCode::OK => {}
             StatusCode::FORBIDDEN => return self.check_via_config(),
-            _ => return Err(self.status_error(&url, status, &body)),
+            _ => return Err(self.status_error(&url, status, &server_text(&body))),
         }
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| self.error(format_args!("unexpected response from \"{url}\": not JSON ({e})")))?;
@@ -635,7 +684,7 @@ impl KeyProvider for VaultV2Provider {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::thread::JoinHandle;
 
@@ -1050,5 +1099,59 @@ mod tests {
                 && elapsed < REQUEST_TIMEOUT + Duration::from_secs(2),
             "{elapsed:?}"
         );
+    }
+
+    /// A KV v2 read response holding `key`, as Vault sends it.
+    fn read_body(key: &[u8]) -> Vec<u8> {
+        let v = json!({
+            "request_id": "0b6d", "lease_id": "", "renewable": false, "lease_duration": 0,
+            "data": {"data": {"key": BASE64.encode(key)},
+                     "metadata": {"created_time": "2026-12-06T10:00:00Z", "deletion_time": "",
+                                  "destroyed": false, "version": 1}},
+            "wrap_info": null, "warnings": null, "auth": null
+        });
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_read_response_gives_its_key() {
+        let key: Vec<u8> = (1..=32).collect();
+        let got = interpret_read("k", "u", StatusCode::OK, &read_body(&key)).ok().flatten().unwrap();
+        assert_eq!(&got[..], &key[..]);
+        assert!(matches!(interpret_read("k", "u", StatusCode::NOT_FOUND, br#"{"errors":[]}"#), Ok(None)));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Mutated read responses (bytes overwritten, cut, extended), under any status,
+        /// give a key, "missing", or an error that quotes none of the key: never a panic.
+        #[test]
+        fn mutated_read_responses_are_interpreted_or_refused(
+            status in proptest::sample::select(vec![200u16, 204, 301, 400, 403, 404, 500, 503]),
+            edits in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 0..6),
+            cut in proptest::option::of(0usize..4096),
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        ) {
+            let key: Vec<u8> = (0xC0..0xE0).collect();
+            let mut body = read_body(&key);
+            for (at, b) in edits {
+                let i = at % body.len();
+                body[i] = b;
+            }
+            if let Some(c) = cut {
+                body.truncate(c % (body.len() + 1));
+            }
+            body.extend_from_slice(&extra);
+            let status = StatusCode::from_u16(status).unwrap();
+            let encoded = BASE64.encode(&key);
+            let message = match interpret_read("k", "u", status, &body) {
+                Err(ReadError::Message(m)) => m,
+                Err(ReadError::Status) => server_errors_text(&body),
+                Ok(_) => String::new(),
+            };
+            // A status error quotes the server's "errors" only, never the secret's data.
+            proptest::prop_assert!(!message.contains(&encoded[..16]), "{message}");
+        }
     }
 }
