@@ -106,8 +106,12 @@ unsafe extern "C-unwind" fn tde_object_access(
     if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && class_id == pg_sys::DatabaseRelationId {
         // The OID was just given to a new database, before anything is copied
         // into it: a key map under that OID is a dropped database's, left by a
-        // crash between the drop and the removal of its map.
-        keys::remove_stale_map(object_id.to_u32()).or_raise();
+        // crash between the drop and the removal of its map.  Not under
+        // pg_upgrade, which re-creates each database with its old OID: the map
+        // is the old cluster's, brought over by pg_tde_upgrade.
+        if !binary_upgrade() {
+            keys::remove_stale_map(object_id.to_u32()).or_raise();
+        }
         return;
     }
     if access != pg_sys::ObjectAccessType::OAT_POST_CREATE || class_id != pg_sys::RelationRelationId || sub_id != 0 {
@@ -439,6 +443,12 @@ unsafe extern "C-unwind" fn tde_process_utility(
     }
 }
 
+/// Whether this server runs for pg_upgrade (`-b`).
+fn binary_upgrade() -> bool {
+    // SAFETY: a plain read of a process-global flag set at start.
+    unsafe { (&raw const pg_sys::IsBinaryUpgrade).read() }
+}
+
 /// Checks that may refuse the statement before anything runs; returns the OID
 /// of the database a DROP DATABASE drops (0 otherwise).
 #[pg_guard]
@@ -463,8 +473,10 @@ unsafe extern "C-unwind" fn before_utility(stmt: *mut pg_sys::Node) -> u32 {
 /// pg_tde's work after a statement that succeeded.
 #[pg_guard]
 unsafe extern "C-unwind" fn after_utility(stmt: *mut pg_sys::Node, dropped_db: u32) {
-    // Reached only when the drop succeeded (a failure raises an ERROR).
-    if dropped_db != 0 {
+    // Reached only when the drop succeeded (a failure raises an ERROR).  Under
+    // pg_upgrade, a dropped database is re-created with the same OID at once
+    // and keeps the old cluster's key map (see the object access hook).
+    if dropped_db != 0 && !binary_upgrade() {
         keys::remove_stale_map(dropped_db).or_raise();
     }
     if stmt.is_null() {

@@ -47,10 +47,12 @@ unsafe extern "C-unwind" fn shmem_startup() {
         // the postmaster has protected it already.
         return;
     }
-    let mut regions = vec![crate::keys::principal_cache_region()];
+    let principal_cache = Some(crate::keys::principal_cache_region());
     #[cfg(feature = "pg18")]
-    regions.extend(crate::aio_read::key_slots_region());
-    protect(&regions);
+    let aio_slots = crate::aio_read::key_slots_region();
+    #[cfg(not(feature = "pg18"))]
+    let aio_slots = None;
+    protect(&[principal_cache, aio_slots].into_iter().flatten().collect::<Vec<_>>());
 }
 
 /// The page size of the shared memory mapping: the huge page size when the

@@ -59,6 +59,44 @@ pub fn init() {
     // SAFETY: smgr_register_extension copies the struct; we are in _PG_init
     // during shared_preload_libraries, as it requires.
     unsafe { pg_sys::smgr_register_extension(&sm) };
+    write_transform_marker();
+}
+
+/// The marker file by which the core patch's `pg_checksums` (and any offline
+/// tool that honours it) knows that relation pages are not stored as
+/// PostgreSQL wrote them: first line the extension, then the hint it prints.
+pub const TRANSFORM_MARKER: &str = "pg_relfile_transform";
+const TRANSFORM_MARKER_TEXT: &str = "pg_tde\nUse pg_tde_checksums, which decrypts each page of an encrypted relation \
+                                     with its key; stock tools would check or rewrite ciphertext.\n";
+
+/// Write [`TRANSFORM_MARKER`] into the data directory if it is not there:
+/// once the storage manager is loaded, any relation file may be encrypted.
+/// A failure is logged, never fatal (the marker only protects offline tools).
+fn write_transform_marker() {
+    // SAFETY: DataDir is set (and the postmaster is in it) before
+    // shared_preload_libraries are loaded; a plain read of a C string.
+    let datadir = unsafe {
+        let d = (&raw const pg_sys::DataDir).read();
+        if d.is_null() {
+            return;
+        }
+        std::ffi::CStr::from_ptr(d).to_string_lossy().into_owned()
+    };
+    let path = std::path::Path::new(&datadir).join(TRANSFORM_MARKER);
+    if std::fs::read(&path).is_ok_and(|b| b == TRANSFORM_MARKER_TEXT.as_bytes()) {
+        return;
+    }
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, TRANSFORM_MARKER_TEXT)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("pg_tde could not write \"{}\": {e}", path.display())
+        );
+    }
 }
 
 /// Fork number used in the tweak.

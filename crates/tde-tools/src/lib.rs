@@ -2,6 +2,8 @@
 //! pg_tde files (server key, WAL keys) and transforming WAL segment files.
 #![forbid(unsafe_code)]
 
+pub mod pgdata;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -142,6 +144,16 @@ pub fn wrapper_args<'a>(argv: &'a [String], usage: &str) -> Result<(PathBuf, &'a
         [fname, path, command] => Ok((data_dir(datadir), fname.as_str(), path.as_str(), command.as_str())),
         _ => Err(usage.to_string()),
     }
+}
+
+/// A PostgreSQL program installed next to this tool (the tools are installed
+/// into PostgreSQL's `bin` directory), else the name alone (found on `PATH`).
+pub fn sibling_program(program: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(program)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 /// `main` of a tool: run, print the error on failure.

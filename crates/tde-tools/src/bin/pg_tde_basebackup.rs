@@ -109,21 +109,14 @@ fn parse(args: &[String]) -> Result<Vec<Opt>, String> {
     Ok(out)
 }
 
-fn sibling(program: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(program)))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(program))
-}
-
 fn run(args: &[String]) -> Result<i32, String> {
     let mut opts = parse(args)?;
     if opts.iter().any(|o| o.name == "-S" || o.name == "-C" || o.name == "--create-slot" || o.name == "--no-slot") {
         return Err("--slot, --create-slot and --no-slot do not apply: the wrapper holds a slot of its own".into());
     }
     if opts.iter().any(|o| o.name == "-?" || o.name == "--help" || o.name == "-V" || o.name == "--version") {
-        let status = Command::new(sibling("pg_basebackup")).args(args).status().map_err(|e| e.to_string())?;
+        let status =
+            Command::new(tde_tools::sibling_program("pg_basebackup")).args(args).status().map_err(|e| e.to_string())?;
         return Ok(status.code().unwrap_or(1));
     }
     let mut wal_none = false;
@@ -152,12 +145,15 @@ fn run(args: &[String]) -> Result<i32, String> {
     argv.push("-X".into());
     argv.push(if wal_none { "none" } else { "fetch" }.into());
     if wal_none {
-        let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string())?;
+        let status = Command::new(tde_tools::sibling_program("pg_basebackup"))
+            .args(&argv)
+            .status()
+            .map_err(|e| e.to_string())?;
         return Ok(status.code().unwrap_or(1));
     }
 
     // The slot's session: psql reading commands from our pipe.
-    let mut psql = Command::new(sibling("psql"))
+    let mut psql = Command::new(tde_tools::sibling_program("psql"))
         .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .args(&conn)
         .env("PGDATABASE", std::env::var("PGDATABASE").unwrap_or_else(|_| "postgres".into()))
@@ -178,7 +174,8 @@ fn run(args: &[String]) -> Result<i32, String> {
         return Err("could not create the temporary replication slot that holds the backup's WAL".into());
     }
     eprintln!("pg_tde_basebackup: WAL from {} on held by temporary slot \"{slot}\"", line.trim());
-    let status = Command::new(sibling("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string())?;
+    let status =
+        Command::new(tde_tools::sibling_program("pg_basebackup")).args(&argv).status().map_err(|e| e.to_string())?;
     let code = status.code().unwrap_or(1);
     if code == 0 {
         refresh_wal_keys(&opts, &mut stdin, &mut stdout);

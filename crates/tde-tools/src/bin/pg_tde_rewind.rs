@@ -1,0 +1,119 @@
+//! `pg_tde_rewind`: the stock `pg_rewind` for a target whose WAL is encrypted.
+//!
+//! ```text
+//! pg_tde_rewind -D /var/lib/postgresql/18/main --source-server='host=new-primary user=postgres' -R
+//! ```
+//! Every option is `pg_rewind`'s and is passed on.  `pg_rewind` reads the
+//! target's WAL from the last checkpoint the two servers share, to find the
+//! blocks the target changed after they diverged; with `pg_tde.wal_encrypt =
+//! on` those segments are encrypted and it stops at the first page.  This
+//! wrapper decrypts the target's WAL segments, with the target's WAL keys and
+//! its server key from its key provider, into a private directory outside the
+//! data directory (`$PG_TDE_TMPDIR`, else `/dev/shm`, else the system's
+//! temporary directory; mode 0700, removed at the end), and runs `pg_rewind`
+//! with `--target-wal-dir` (core patch 0008) pointing there.  Nothing else
+//! changes: relation files are copied as they are on the source (encrypted,
+//! under the same relation keys, which replication shares), and so are the
+//! source's `pg_tde` files.  A target without WAL keys is rewound directly.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use tde_tools::{
+    decrypt_segment, parse_segment_name, segment_size_of, sibling_program, wal_wrapping, PrivateTmp, WalKeyring,
+};
+
+/// The target data directory named by `-D DIR`, `-DDIR`, `--target-pgdata DIR`
+/// or `--target-pgdata=DIR`.
+fn target_pgdata(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    let mut found = None;
+    while let Some(a) = it.next() {
+        if a == "-D" || a == "--target-pgdata" {
+            found = it.next().map(PathBuf::from);
+        } else if let Some(v) = a.strip_prefix("--target-pgdata=") {
+            found = Some(PathBuf::from(v));
+        } else if let Some(v) = a.strip_prefix("-D").filter(|v| !v.is_empty() && !a.starts_with("--")) {
+            found = Some(PathBuf::from(v));
+        }
+    }
+    found
+}
+
+/// Whether `name` is a WAL segment file name (24 hexadecimal digits).
+fn is_segment_name(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn run(args: &[String]) -> Result<i32, String> {
+    let pg_rewind = sibling_program("pg_rewind");
+    if args.iter().any(|a| a.starts_with("--target-wal-dir")) {
+        return Err("--target-wal-dir is set by pg_tde_rewind itself".into());
+    }
+    let informational = args.iter().any(|a| matches!(a.as_str(), "-?" | "--help" | "-V" | "--version"));
+    let target = target_pgdata(args);
+    let encrypted = target.as_ref().is_some_and(|d| d.join("pg_tde/wal_keys").exists());
+    if informational || !encrypted {
+        let status = Command::new(&pg_rewind).args(args).status().map_err(|e| format!("cannot run pg_rewind: {e}"))?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    let datadir = target.expect("checked above");
+    let keys = WalKeyring::load(&datadir, &wal_wrapping(&datadir)?)?;
+    let tmp = PrivateTmp::new("rewind", &datadir)?;
+    let pg_wal = datadir.join("pg_wal");
+    let entries =
+        std::fs::read_dir(&pg_wal).map_err(|e| format!("could not open directory \"{}\": {e}", pg_wal.display()))?;
+    let mut decrypted = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_segment_name(&name) {
+            continue;
+        }
+        let mut data =
+            std::fs::read(entry.path()).map_err(|e| format!("could not read \"{}\": {e}", entry.path().display()))?;
+        let seg_size = segment_size_of(data.len() as u64);
+        let (tli, segno) = parse_segment_name(&name, seg_size)?;
+        decrypt_segment(&mut data, tli, segno, seg_size, &keys).map_err(|e| format!("segment {name}: {e}"))?;
+        std::fs::write(tmp.path(&name), &data)
+            .map_err(|e| format!("could not write a decrypted copy of {name}: {e}"))?;
+        decrypted += 1;
+    }
+    eprintln!("pg_tde_rewind: decrypted {decrypted} WAL segments of the target for pg_rewind");
+    let dir = tmp.path("");
+    let status = Command::new(&pg_rewind)
+        .args(args)
+        .arg(format!("--target-wal-dir={}", dir.display()))
+        .status()
+        .map_err(|e| format!("cannot run pg_rewind: {e}"))?;
+    drop(tmp);
+    Ok(status.code().unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("pg_tde_rewind: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_target_directory_in_every_spelling() {
+        let v = |a: &[&str]| target_pgdata(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(v(&["-D", "/a"]), Some("/a".into()));
+        assert_eq!(v(&["-D/a", "-R"]), Some("/a".into()));
+        assert_eq!(v(&["--target-pgdata=/a"]), Some("/a".into()));
+        assert_eq!(v(&["--target-pgdata", "/a", "--source-server=x"]), Some("/a".into()));
+        assert_eq!(v(&["--source-pgdata=/b"]), None);
+        assert!(is_segment_name("000000010000000000000003"));
+        assert!(!is_segment_name("00000002.history"));
+    }
+}
