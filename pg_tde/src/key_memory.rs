@@ -9,7 +9,8 @@
 //!
 //! Shared memory is one mapping, so the ranges are rounded out to whole pages
 //! (huge pages when the server uses them): a few neighbouring bytes of other
-//! shared structures are excluded from dumps too.  Where the OS refuses
+//! shared structures are excluded from dumps too.  Huge pages are not locked:
+//! they are never swapped.  Where the OS refuses
 //! (`RLIMIT_MEMLOCK` too low for the lock, a kernel without `MADV_DONTDUMP`),
 //! the server starts anyway and says so in its log once per start.
 
@@ -55,16 +56,20 @@ unsafe extern "C-unwind" fn shmem_startup() {
     protect(&[principal_cache, aio_slots].into_iter().flatten().collect::<Vec<_>>());
 }
 
+/// Whether the server got huge pages for shared memory.
+fn huge_pages() -> bool {
+    // SAFETY: GetConfigOption with missing_ok does not raise; the returned
+    // string is PostgreSQL's, valid for the duration of this call.
+    unsafe {
+        let s = pg_sys::GetConfigOption(c"huge_pages_status".as_ptr(), true, false);
+        !s.is_null() && CStr::from_ptr(s).to_bytes() == b"on"
+    }
+}
+
 /// The page size of the shared memory mapping: the huge page size when the
 /// server got huge pages.
 fn shared_memory_page_size() -> usize {
-    // SAFETY: GetConfigOption with missing_ok does not raise; the returned
-    // string is PostgreSQL's, valid for the duration of this call.
-    let status = unsafe {
-        let s = pg_sys::GetConfigOption(c"huge_pages_status".as_ptr(), true, false);
-        !s.is_null() && CStr::from_ptr(s).to_bytes() == b"on"
-    };
-    if status {
+    if huge_pages() {
         // SAFETY: as above.
         let configured = unsafe {
             let s = pg_sys::GetConfigOption(c"huge_page_size".as_ptr(), true, false);
@@ -122,6 +127,9 @@ fn protect(regions: &[(usize, usize)]) {
     let total: usize = merged.iter().map(|(s, e)| e - s).sum();
     let mut dump_error = None;
     let mut lock_error = None;
+    // Huge pages are never swapped out; locking one would pin megabytes of
+    // unrelated shared memory against RLIMIT_MEMLOCK.
+    let lock = !huge_pages();
     for &(start, end) in &merged {
         // SAFETY: [start, end) lies inside the shared memory mapping (the
         // regions are in it, and the mapping starts and ends on page
@@ -130,7 +138,7 @@ fn protect(regions: &[(usize, usize)]) {
             if libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP) != 0 {
                 dump_error.get_or_insert_with(std::io::Error::last_os_error);
             }
-            if libc::mlock(start as *const libc::c_void, end - start) != 0 {
+            if lock && libc::mlock(start as *const libc::c_void, end - start) != 0 {
                 lock_error.get_or_insert_with(std::io::Error::last_os_error);
             }
         }

@@ -116,16 +116,23 @@ def test_pg_tde_checksums_enables_checks_and_disables(no_checksums):
     assert _rows(c) == ("2700|" + str(2700 * 6400), "3000")
 
 
-def test_pg_tde_checksums_agrees_with_the_server(clusters, keyring):
-    """On a cluster whose checksums the server wrote, every page checks out:
-    the tool computes PostgreSQL's checksum, on the plaintext."""
-    c = Cluster("ck-on")
+def _checksummed_cluster_with_enc(clusters, keyring, name: str, rows: int) -> Cluster:
+    """A running cluster with data checksums and an encrypted table `enc`
+    (id, v) of `rows` rows, vacuumed and checkpointed."""
+    c = Cluster(name)
     clusters.append(c)
     c.initdb(checksums=True)
     c.start()
     setup_encryption(c, keyring)
     c.sql("CREATE TABLE enc (id int PRIMARY KEY, v text) USING tde_heap;"
-          "INSERT INTO enc SELECT g, md5(g::text) FROM generate_series(1, 20000) g; VACUUM enc")
+          f"INSERT INTO enc SELECT g, md5(g::text) FROM generate_series(1, {rows}) g; VACUUM enc; CHECKPOINT")
+    return c
+
+
+def test_pg_tde_checksums_agrees_with_the_server(clusters, keyring):
+    """On a cluster whose checksums the server wrote, every page checks out:
+    the tool computes PostgreSQL's checksum, on the plaintext."""
+    c = _checksummed_cluster_with_enc(clusters, keyring, "ck-on", 20000)
     c.stop()
     # stock pg_checksums --check would call every encrypted page corrupt: refused
     r = _tool(BIN / "pg_checksums", "--check", "-D", c.datadir)
@@ -190,14 +197,32 @@ def test_failover_with_encrypted_wal_rewinds_the_old_primary(clusters, keyring):
     fill_enc(p, "t", "MARKER_RW_BEFORE")
     s = _standby_via_pg_tde_basebackup(p, "rw-new-primary")
     clusters.append(s)
+    # The old primary restarts after the standby was made: the WAL it writes
+    # from now on is under a key the standby's WAL key file does not have.
+    p.restart()
+    fill_enc(p, "t", "MARKER_RW_SHARED", n=200)
+    p.sql("CHECKPOINT")
+    wait_for_replay(p, s)
+    # The segment in which the timelines part is full on the old primary
+    # but only a .partial on the new one: pg_rewind keeps the old primary's
+    # own copy, which it needs for recovery.
+    p.sql("SELECT pg_switch_wal()")
+    fill_enc(p, "t", "MARKER_RW_SHARED2", n=100)
     wait_for_replay(p, s)
     assert s.sql("SELECT pg_promote(true, 120)") == "t"
+    # The new primary keeps its WAL from the promotion on (a slot for the old
+    # primary) and nothing older: the old primary's segment that holds the
+    # last common checkpoint exists only in its own pg_wal, where pg_rewind
+    # keeps it for recovery.
+    s.sql("ALTER SYSTEM SET wal_keep_size = 0; SELECT pg_reload_conf();"
+          "SELECT pg_create_physical_replication_slot('old_primary', true)")
     # both write: the old primary's writes are to be thrown away
     fill_enc(p, "t", "MARKER_RW_LOST", n=2000)
     p.sql("CREATE TABLE lost (v text) USING tde_heap; INSERT INTO lost SELECT 'MARKER_RW_LOST' FROM generate_series(1, 100);"
           "CHECKPOINT")
     fill_enc(s, "t", "MARKER_RW_NEW", n=500)
-    s.sql("CHECKPOINT")
+    for _ in range(3):
+        s.sql("SELECT pg_switch_wal(); CHECKPOINT")
     p.stop()
     source = f"--source-server=host={s.sockdir} port={s.port} user=postgres dbname=postgres"
 
@@ -209,6 +234,7 @@ def test_failover_with_encrypted_wal_rewinds_the_old_primary(clusters, keyring):
     r = _tool(BIN / "pg_tde_rewind", "-D", p.datadir, source, "-R")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "decrypted" in r.stderr and "Done!" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "kept WAL segments of the target under new WAL keys" in r.stderr, r.stderr
     assert not glob.glob("/dev/shm/pg_tde-rewind-*"), "the decrypted copies were not removed"
     p.configure("")  # pg_rewind copied the new primary's configuration
     p.start()
@@ -218,6 +244,7 @@ def test_failover_with_encrypted_wal_rewinds_the_old_primary(clusters, keyring):
     assert digest(p, "t") == digest(s, "t")
     assert p.sql("SELECT count(*) FROM t WHERE v LIKE 'MARKER_RW_LOST%'") == "0"
     assert p.sql("SELECT count(*) FROM t WHERE v LIKE 'MARKER_RW_NEW%'") == "500"
+    assert p.sql("SELECT count(*) FROM t WHERE v LIKE 'MARKER_RW_SHARED%'") == "300"
     assert p.sql("SELECT to_regclass('lost') IS NULL") == "t"
     # nothing in plaintext on the rewound server's disk
     for root, _, names in os.walk(p.datadir):
@@ -323,3 +350,46 @@ def test_pg_resetwal_on_a_cluster_with_encrypted_wal(clusters, keyring):
     for p in (c.datadir / "pg_wal").iterdir():
         if p.is_file() and len(p.name) == 24:
             assert b"MARKER_RESETWAL_AFTER" not in p.read_bytes(), p
+
+
+def test_base_backup_checksums_of_encrypted_pages_are_checked_offline(clusters, keyring):
+    """The server's checksum verification during a base backup reads
+    encrypted pages as they are on disk and skips them (their LSNs look
+    newer than the backup): a corrupt encrypted page goes unreported.
+    pg_tde_basebackup says so, and pg_tde_checksums finds the page in the
+    restored backup."""
+    c = _checksummed_cluster_with_enc(clusters, keyring, "bb-ck", 5000)
+    heap = next(p for p in c.relation_files("enc") if p.name.isdigit())
+    c.stop()
+    data = bytearray(heap.read_bytes())
+    data[2 * 8192 + 5000] ^= 0x40
+    heap.write_bytes(bytes(data))
+    c.start()
+    b = Cluster("bb-ck-backup")
+    clusters.append(b)
+    r = _tool(BIN / "pg_tde_basebackup", "-D", b.datadir, "-c", "fast", "-h", c.sockdir, "-p", str(c.port), "-U", "postgres")
+    assert r.returncode == 0, r.stderr
+    # the server did not notice the corrupt page
+    assert "checksum verification failed" not in r.stderr and "checksum error" not in r.stderr, r.stderr
+    assert "cannot read encrypted ones" in r.stderr and "pg_tde_checksums --check" in r.stderr, r.stderr
+    b.configure("")
+    b.start()
+    b.stop()
+    r = _tool(BIN / "pg_tde_checksums", "--check", "-D", b.datadir)
+    assert r.returncode != 0
+    assert "Bad checksums:  1" in r.stdout and "block 2" in r.stderr, r.stdout + r.stderr
+
+
+def test_pg_tde_checksums_writes_nothing_into_pages_it_cannot_decrypt(no_checksums):
+    """A data directory whose key maps are missing (copied without
+    pg_tde/, say): the encrypted files look like plaintext ones to the tool,
+    but their pages have no valid header, so --enable stops before writing."""
+    c = no_checksums
+    before = {p: p.read_bytes() for p in c.enc_files}
+    for m in (c.datadir / "pg_tde").glob("*_keys"):
+        m.rename(m.with_suffix(".away"))
+    r = _tool(BIN / "pg_tde_checksums", "--enable", "-D", c.datadir)
+    assert r.returncode != 0
+    assert "no valid page header" in r.stderr and "nothing was changed" in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert _controldata_checksums(c) == "0"

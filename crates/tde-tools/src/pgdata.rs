@@ -80,6 +80,22 @@ pub fn page_is_new(page: &[u8]) -> bool {
     page[PD_UPPER] == 0 && page[PD_UPPER + 1] == 0
 }
 
+/// Whether an initialised page's header is sane, as PostgreSQL's
+/// `PageHeaderIsValid` checks it: known flags only, `SizeOfPageHeaderData <=
+/// pd_lower <= pd_upper <= pd_special <= BLCKSZ`, `pd_special` aligned, and
+/// page size and layout version 8192 / 4.  Ciphertext, or a page decrypted
+/// with the wrong key, fails this with near certainty.
+pub fn page_header_is_valid(page: &[u8]) -> bool {
+    let u16_at = |at: usize| u16::from_le_bytes([page[at], page[at + 1]]);
+    let (flags, lower, upper, special, size_version) = (u16_at(10), u16_at(12), u16_at(14), u16_at(16), u16_at(18));
+    flags & !0x0007 == 0
+        && (24..=upper).contains(&lower)
+        && upper <= special
+        && special as usize <= BLCKSZ
+        && special % 8 == 0
+        && size_version == (BLCKSZ as u16 | 4)
+}
+
 // ---------------------------------------------------------------------------
 // The control file (catalog/pg_control.h)
 
@@ -99,8 +115,12 @@ pub struct ControlFile {
     crc_at: usize,
     /// `relseg_size`: blocks per segment file.
     pub relseg_size: u32,
+    /// `xlog_seg_size`: bytes per WAL segment.
+    pub xlog_seg_size: u32,
     /// The major version (`pg_control_version` / 100).
     pub major: u32,
+    /// `catalog_version_no`, which names tablespace directories (`PG_<major>_<catversion>`).
+    pub catalog_version: u32,
 }
 
 impl ControlFile {
@@ -114,28 +134,37 @@ impl ControlFile {
         if major != 17 && major != 18 {
             return Err(format!("unsupported control file version {version} (PostgreSQL 17 and 18 are supported)"));
         }
-        let anchor = FLOAT_FORMAT.to_le_bytes();
-        let float_at = bytes
-            .windows(8)
-            .take(512)
-            .position(|w| w == anchor)
-            .ok_or("the control file has no floatFormat value: not a little-endian x86-64/arm64 cluster?")?;
         // floatFormat, then eight uint32 (blcksz ... loblksize), float8ByVal (bool, padded),
         // data_checksum_version; 18 adds default_char_signedness; then the 32-byte
-        // mock_authentication_nonce and the CRC (4-byte aligned).
+        // mock_authentication_nonce and the CRC (4-byte aligned).  The anchor's bytes
+        // could also occur in an earlier field: the position whose CRC checks out wins.
+        let layout = |float_at: usize| {
+            let checksum_version_at = float_at + 44;
+            let nonce_at = checksum_version_at + 4 + usize::from(major >= 18);
+            (checksum_version_at, (nonce_at + 32).next_multiple_of(4))
+        };
+        let anchor = FLOAT_FORMAT.to_le_bytes();
+        let float_at = (0..512.min(bytes.len().saturating_sub(8)))
+            .filter(|&at| bytes[at..at + 8] == anchor)
+            .find(|&at| {
+                let (_, crc_at) = layout(at);
+                u32_at(crc_at).is_some_and(|stored| crc32c::crc32c(&bytes[..crc_at]) == stored)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "the control file \"{}\" has an incorrect checksum, or is not a little-endian 64-bit cluster's",
+                    path.display()
+                )
+            })?;
+        let (checksum_version_at, crc_at) = layout(float_at);
         let blcksz = u32_at(float_at + 8).ok_or("the control file is truncated")?;
         let relseg_size = u32_at(float_at + 12).ok_or("the control file is truncated")?;
+        let xlog_seg_size = u32_at(float_at + 20).ok_or("the control file is truncated")?;
         if blcksz as usize != BLCKSZ {
             return Err(format!("the cluster's block size is {blcksz}, pg_tde supports only {BLCKSZ}"));
         }
-        let checksum_version_at = float_at + 44;
-        let nonce_at = checksum_version_at + 4 + usize::from(major >= 18);
-        let crc_at = (nonce_at + 32).next_multiple_of(4);
-        let stored = u32_at(crc_at).ok_or("the control file is truncated")?;
-        if crc32c::crc32c(&bytes[..crc_at]) != stored {
-            return Err(format!("the control file \"{}\" has an incorrect checksum", path.display()));
-        }
-        Ok(ControlFile { path, bytes, checksum_version_at, crc_at, relseg_size, major })
+        let catalog_version = u32_at(12).ok_or("the control file is truncated")?;
+        Ok(ControlFile { path, bytes, checksum_version_at, crc_at, relseg_size, xlog_seg_size, major, catalog_version })
     }
 
     /// Whether the cluster was shut down cleanly (the only state offline tools may work in).
@@ -239,23 +268,18 @@ fn numeric_subdirs(dir: &Path) -> Result<Vec<(u32, PathBuf)>, String> {
 }
 
 /// Every relation segment file of the cluster: `global/`, `base/<db>/` and
-/// `pg_tblspc/<spc>/PG_<major>_<catversion>/<db>/`.
-pub fn relation_files(datadir: &Path, major: u32) -> Result<Vec<RelationFile>, String> {
+/// `pg_tblspc/<spc>/PG_<major>_<catversion>/<db>/` (this cluster's version
+/// directory only: another cluster may share the tablespace's directory).
+pub fn relation_files(datadir: &Path, control: &ControlFile) -> Result<Vec<RelationFile>, String> {
     let mut out = Vec::new();
     relation_files_in(&datadir.join("global"), 0, GLOBAL_TABLESPACE, &mut out)?;
     for (db, dir) in numeric_subdirs(&datadir.join("base"))? {
         relation_files_in(&dir, db, DEFAULT_TABLESPACE, &mut out)?;
     }
-    let prefix = format!("PG_{major}_");
+    let version_dir = format!("PG_{}_{}", control.major, control.catalog_version);
     for (spc, link) in numeric_subdirs(&datadir.join("pg_tblspc"))? {
-        let entries =
-            std::fs::read_dir(&link).map_err(|e| format!("could not open directory \"{}\": {e}", link.display()))?;
-        for entry in entries.flatten() {
-            if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
-                for (db, dir) in numeric_subdirs(&entry.path())? {
-                    relation_files_in(&dir, db, spc, &mut out)?;
-                }
-            }
+        for (db, dir) in numeric_subdirs(&link.join(&version_dir))? {
+            relation_files_in(&dir, db, spc, &mut out)?;
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -350,6 +374,25 @@ mod tests {
         {
             assert_eq!(parse_relation_file_name(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn page_headers() {
+        let mut page = vec![0u8; BLCKSZ];
+        let mut put = |at: usize, v: u16| page[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        put(12, 40);
+        put(14, 8000);
+        put(16, 8192);
+        put(18, 8192 | 4);
+        assert!(page_header_is_valid(&page));
+        let mut bad = page.clone();
+        bad[10] = 0x10; // unknown flag
+        assert!(!page_header_is_valid(&bad));
+        let mut bad = page.clone();
+        bad[12..14].copy_from_slice(&9000u16.to_le_bytes()); // pd_lower > pd_upper
+        assert!(!page_header_is_valid(&bad));
+        let random: Vec<u8> = (0..BLCKSZ as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        assert!(!page_header_is_valid(&random));
     }
 
     #[test]

@@ -20,10 +20,11 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tde_core::PageCipher;
 use tde_tools::data_dir;
 use tde_tools::pgdata::{
-    page_checksum, page_is_new, relation_files, set_checksum, stored_checksum, tweak_fork, ControlFile, RelationKeys,
-    BLCKSZ,
+    page_checksum, page_header_is_valid, page_is_new, relation_files, set_checksum, stored_checksum, tweak_fork,
+    ControlFile, RelationFile, RelationKeys, BLCKSZ,
 };
 use zeroize::Zeroizing;
 
@@ -110,77 +111,75 @@ fn run(argv: &[String]) -> Result<bool, String> {
     }
 
     let keys = RelationKeys::load(&o.datadir)?;
-    let files = relation_files(&o.datadir, control.major)?;
+    let files: Vec<_> = relation_files(&o.datadir, &control)?
+        .into_iter()
+        .filter(|f| o.filenode.is_none_or(|n| n == f.rel_number))
+        .collect();
     let mut totals = Totals::default();
-    let mut page = Zeroizing::new(vec![0u8; BLCKSZ]);
-    for file in files.iter().filter(|f| o.filenode.is_none_or(|n| n == f.rel_number)) {
+    if o.mode == Mode::Enable {
+        // Every page is read (and decrypted) and its header checked before the
+        // first one is written: a file encrypted with a key this tool does not
+        // have (a key map missing from pg_tde/) would otherwise get checksums
+        // written into its ciphertext.
+        let mut invalid = Vec::new();
+        for file in &files {
+            scan_file(file, keys.cipher_of(file), control.relseg_size, false, |i, page| {
+                if !page_is_new(page) && !page_header_is_valid(page) {
+                    invalid.push(format!("block {i} of \"{}\"", file.path.display()));
+                }
+                None
+            })?;
+        }
+        if !invalid.is_empty() {
+            let shown = invalid.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            return Err(format!(
+                "{} pages have no valid page header ({shown}{}): corrupt, or encrypted with a key that this \
+                 data directory's pg_tde key maps do not hold; nothing was changed",
+                invalid.len(),
+                if invalid.len() > 5 { ", ..." } else { "" }
+            ));
+        }
+    }
+    for file in &files {
         let cipher = keys.cipher_of(file);
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(o.mode == Mode::Enable)
-            .open(&file.path)
-            .map_err(|e| format!("could not open file \"{}\": {e}", file.path.display()))?;
         totals.files_scanned += 1;
-        let mut written_here = 0u64;
-        for i in 0u32.. {
-            let got = read_block(&mut f, &mut page)
-                .map_err(|e| format!("could not read \"{}\": {e}", file.path.display()))?;
-            if got == 0 {
-                break;
+        let write = o.mode == Mode::Enable;
+        let (scanned, written) = scan_file(file, cipher, control.relseg_size, write, |i, page| {
+            if page_is_new(page) {
+                return None;
             }
-            if got != BLCKSZ {
-                return Err(format!(
-                    "could not read block {i} in file \"{}\": read {got} of {BLCKSZ}",
-                    file.path.display()
-                ));
-            }
-            totals.blocks_scanned += 1;
             let blkno = file.segment * control.relseg_size + i;
-            // An all-zero page is never encrypted (nor initialised).
-            if page.iter().all(|&b| b == 0) {
-                continue;
-            }
-            if let Some(c) = cipher {
-                c.decrypt_page(tweak_fork(file.fork), blkno, &mut page);
-            }
-            if page_is_new(&page) {
-                continue;
-            }
-            let sum = page_checksum(&page, blkno);
+            let sum = page_checksum(page, blkno);
             match o.mode {
                 Mode::Check => {
-                    if sum != stored_checksum(&page) {
+                    if !page_header_is_valid(page) {
+                        eprintln!(
+                            "pg_tde_checksums: error: invalid page header in file \"{}\", block {i}",
+                            file.path.display()
+                        );
+                        totals.bad += 1;
+                    } else if sum != stored_checksum(page) {
                         eprintln!(
                             "pg_tde_checksums: error: checksum verification failed in file \"{}\", block {i}: \
                              calculated checksum {sum:X} but block contains {:X}",
                             file.path.display(),
-                            stored_checksum(&page)
+                            stored_checksum(page)
                         );
                         totals.bad += 1;
                     }
+                    None
                 }
-                Mode::Enable => {
-                    if sum == stored_checksum(&page) {
-                        continue;
-                    }
-                    set_checksum(&mut page, sum);
-                    if let Some(c) = cipher {
-                        c.encrypt_page(tweak_fork(file.fork), blkno, &mut page);
-                    }
-                    let at = u64::from(i) * BLCKSZ as u64;
-                    f.seek(SeekFrom::Start(at))
-                        .and_then(|_| f.write_all(&page))
-                        .map_err(|e| format!("could not write block {i} in file \"{}\": {e}", file.path.display()))?;
-                    written_here += 1;
-                }
-                Mode::Disable => unreachable!("handled above"),
+                _ => (sum != stored_checksum(page)).then_some(sum),
             }
-        }
-        if written_here > 0 {
+        })?;
+        totals.blocks_scanned += scanned;
+        if written > 0 {
             totals.files_written += 1;
-            totals.blocks_written += written_here;
+            totals.blocks_written += written;
             if o.sync {
-                f.sync_all().map_err(|e| format!("could not fsync \"{}\": {e}", file.path.display()))?;
+                std::fs::File::open(&file.path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| format!("could not fsync \"{}\": {e}", file.path.display()))?;
             }
         }
         if o.verbose {
@@ -207,6 +206,61 @@ fn run(argv: &[String]) -> Result<bool, String> {
     println!("Data checksum version: 1");
     println!("Checksums enabled in cluster");
     Ok(true)
+}
+
+/// Read every block of `file`, decrypted when it has a `cipher`, and hand it to
+/// `visit` with its block number in the file; all-zero blocks (never written)
+/// are skipped.  When `visit` returns a checksum and `write` is set, the
+/// checksum is stored in the page, which is encrypted again under the same key
+/// and tweak and written back in place.  Returns (blocks read, blocks written).
+fn scan_file(
+    file: &RelationFile,
+    cipher: Option<&PageCipher>,
+    relseg_size: u32,
+    write: bool,
+    mut visit: impl FnMut(u32, &[u8]) -> Option<u16>,
+) -> Result<(u64, u64), String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(&file.path)
+        .map_err(|e| format!("could not open file \"{}\": {e}", file.path.display()))?;
+    let mut page = Zeroizing::new(vec![0u8; BLCKSZ]);
+    let (mut scanned, mut written) = (0, 0);
+    for i in 0u32.. {
+        let got =
+            read_block(&mut f, &mut page).map_err(|e| format!("could not read \"{}\": {e}", file.path.display()))?;
+        if got == 0 {
+            break;
+        }
+        if got != BLCKSZ {
+            return Err(format!(
+                "could not read block {i} in file \"{}\": read {got} of {BLCKSZ}",
+                file.path.display()
+            ));
+        }
+        scanned += 1;
+        if page.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let blkno = file.segment * relseg_size + i;
+        if let Some(c) = cipher {
+            c.decrypt_page(tweak_fork(file.fork), blkno, &mut page);
+        }
+        let Some(sum) = visit(i, &page) else { continue };
+        if !write {
+            continue;
+        }
+        set_checksum(&mut page, sum);
+        if let Some(c) = cipher {
+            c.encrypt_page(tweak_fork(file.fork), blkno, &mut page);
+        }
+        f.seek(SeekFrom::Start(u64::from(i) * BLCKSZ as u64))
+            .and_then(|_| f.write_all(&page))
+            .map_err(|e| format!("could not write block {i} in file \"{}\": {e}", file.path.display()))?;
+        written += 1;
+    }
+    Ok((scanned, written))
 }
 
 /// Read up to one block; fewer bytes only at the end of the file.

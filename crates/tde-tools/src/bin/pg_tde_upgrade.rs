@@ -34,6 +34,11 @@ fn option_value(args: &[String], short: &str, long: &str, env: &str) -> Option<P
     let mut found = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        // The values of options that pass options on to the servers are not ours.
+        if matches!(a.as_str(), "-o" | "-O" | "--old-options" | "--new-options") {
+            it.next();
+            continue;
+        }
         if a == short || a == long {
             found = it.next().map(PathBuf::from);
         } else if let Some(v) = a.strip_prefix(&format!("{long}=")) {
@@ -105,6 +110,13 @@ fn run(args: &[String]) -> Result<i32, String> {
         return Ok(status.code().unwrap_or(1));
     };
     let check_only = args.iter().any(|a| a == "-c" || a == "--check");
+    if new.join("pg_tde/wal_keys").exists() {
+        return Err(format!(
+            "the new cluster \"{}\" already has WAL keys of its own, which the old cluster's server key would not \
+             unwrap: run initdb for it again",
+            new.display()
+        ));
+    }
     let n = copy_tde_files(&old, &new, copied_before)?;
     if n > 0 {
         eprintln!("pg_tde_upgrade: copied {n} pg_tde key files into the new cluster");
@@ -138,6 +150,7 @@ mod tests {
         let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(option_value(&a(&["-d", "/o", "-D/n"]), "-D", "--new-datadir", "X_UNSET"), Some("/n".into()));
         assert_eq!(option_value(&a(&["--old-datadir=/o"]), "-d", "--old-datadir", "X_UNSET"), Some("/o".into()));
+        assert_eq!(option_value(&a(&["-o", "-d 5", "-d", "/o"]), "-d", "--old-datadir", "X_UNSET"), Some("/o".into()));
         assert!(copied_before("16384_keys") && copied_before("providers.json") && copied_before("server_key"));
         assert!(!copied_before("wal_keys") && !copied_before("x_keys") && !copied_before("16384_keys.tmp"));
         assert!(is_relation_map("5_keys") && !is_relation_map("default_key"));
