@@ -21,7 +21,7 @@ use_pg_build
 log "building and installing pg_tde"
 (cd "$REPO_ROOT/pg_tde" && cargo pgrx install --release --pg-config "$PG_CONFIG" --no-default-features --features "pg$PG_MAJOR" >/dev/null)
 cargo build --release --locked -p tde-tools --manifest-path "$REPO_ROOT/Cargo.toml" >/dev/null
-install -m 755 "$CARGO_TARGET_DIR"/release/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt,basebackup,checksums,rewind,upgrade} "$PG_PREFIX/bin/"
+install -m 755 "$CARGO_TARGET_DIR"/release/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt,basebackup,checksums,rewind,upgrade,amcheck} "$PG_PREFIX/bin/"
 
 if [ -f "$DATA/postmaster.pid" ]; then
     log "stopping the running demo cluster"

@@ -71,7 +71,7 @@ for major in $MAJORS; do
 
     cargo build -p tde-tools --locked
     # The tools live beside pg_waldump & co (archive_command runs them as the server's user).
-    install -m 755 "$CARGO_TARGET_DIR"/debug/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt,basebackup,checksums,rewind,upgrade} "$PG_PREFIX/bin/"
+    install -m 755 "$CARGO_TARGET_DIR"/debug/pg_tde_{change_key_provider,decrypt_wal,archive_decrypt,restore_encrypt,basebackup,checksums,rewind,upgrade,amcheck} "$PG_PREFIX/bin/"
     export PG_TDE_BIN=$PG_PREFIX/bin
 
     log "installing the extension into $PG_PREFIX"

@@ -3,7 +3,9 @@ pg_checksums refuses (the core patch honours pg_tde's marker file) and
 pg_tde_checksums enables, checks and disables checksums with nothing lost."""
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -162,6 +164,12 @@ def test_amcheck_verifies_encrypted_tables(tde):
     assert c.sql(f"SELECT count(*) FROM verify_heapam('{toast}')") == "0"
     c.sql("SELECT bt_index_check('enc_pkey', heapallindexed => true)")
     c.sql("SELECT bt_index_parent_check('enc_pkey', heapallindexed => true)")
+    # the queries docs/usage.md gives instead of pg_amcheck, which skips tde_heap
+    usage = (Path(__file__).parents[2] / "docs" / "usage.md").read_text()
+    block = usage[usage.index("LATERAL verify_heapam") - 200:]
+    heap_q, index_q = re.search(r"```sql\n(SELECT [^;]*;)\n\n(SELECT [^;]*;)\n```", block).groups()
+    assert c.sql(f"SELECT count(*) FROM ({heap_q.rstrip(';')}) r") == "0"
+    assert "enc_pkey" in c.sql(index_q)
     # it reports what it finds: a relfrozenxid newer than the table's tuples
     # makes every tuple's xmin precede the freeze threshold (a logical
     # corruption amcheck detects without any change on disk)
@@ -170,6 +178,15 @@ def test_amcheck_verifies_encrypted_tables(tde):
           "UPDATE pg_class SET relfrozenxid = txid_current()::text::xid WHERE relname = 'bad'")
     msg = c.sql("SELECT string_agg(msg, '; ') FROM verify_heapam('bad')")
     assert "precedes relation freeze threshold" in msg, msg
+    # stock pg_amcheck skips tde_heap tables (and their indexes); pg_tde_amcheck does not
+    conn = ["-h", c.sockdir, "-p", str(c.port), "-U", "postgres", "-d", "postgres", "--heapallindexed", "-v"]
+    r = _tool(BIN / "pg_amcheck", *conn)
+    assert r.returncode == 0 and "public.bad" not in r.stdout + r.stderr and "enc_pkey" not in r.stderr, r.stderr
+    r = _tool(BIN / "pg_tde_amcheck", *conn)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'heap table "postgres.public.bad"' in r.stdout and "precedes relation freeze threshold" in r.stdout, r.stdout
+    # enc and bad with their TOAST tables; enc's primary key and the TOAST indexes
+    assert '"postgres.enc_pkey"' in r.stderr and "checking 4 tde_heap tables" in r.stderr, r.stderr
 
 
 def _standby_via_pg_tde_basebackup(p: Cluster, name: str) -> Cluster:
