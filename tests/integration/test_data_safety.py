@@ -540,13 +540,17 @@ def test_concurrent_restores_append_whole_key_records(clusters, keyring, tmp_pat
     from run_as import as_user
     p = new_cluster(clusters, "wrap-conc", keyring, wal_encrypt=True)
     p.sql("SELECT pg_switch_wal()")
-    p.sql("CREATE TABLE k (v text); INSERT INTO k SELECT 'x' || g FROM generate_series(1, 300) g")
+    p.sql("CREATE TABLE k (v text); INSERT INTO k SELECT 'MARKER_RESTORE_CONC_' || g FROM generate_series(1, 300) g")
     seg = p.sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
     p.sql("SELECT pg_switch_wal()")
     plain = make_dir("plain")
     r = subprocess.run(as_user([str(TOOLS / "pg_tde_decrypt_wal"), "-D", str(p.datadir), "-o", str(plain),
                                 str(p.datadir / "pg_wal" / seg)]), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # a marker long enough never to occur by chance in 16 MB of ciphertext
+    # (a 4-byte one did, in about one file in 250)
+    marker = b"MARKER_RESTORE_CONC_299"
+    assert marker in (plain / seg).read_bytes()
     keys = p.datadir / "pg_tde" / "wal_keys"
     before = keys.stat().st_size
     out = make_dir("restored")
@@ -564,7 +568,7 @@ def test_concurrent_restores_append_whole_key_records(clusters, keyring, tmp_pat
     # every restored copy is encrypted with one of the new keys, and the
     # server still reads all its keys
     for i in range(n):
-        assert b"x299" not in (out / f"{i}").read_bytes()
+        assert marker not in (out / f"{i}").read_bytes()
     p.restart()
     p.sql("INSERT INTO k VALUES ('after')")
     assert p.sql("SELECT count(*) FROM k") == "301"
