@@ -235,6 +235,15 @@ def test_shared_key_cache_is_kept_out_of_core_dumps_and_swap(tde, keyring):
 # Case 2 (part): a stalled provider holds no lock that others need
 
 
+def _token_file(keyring):
+    """A Vault token file the server can read (the token is never accepted)."""
+    from cluster import chown
+    token = keyring / "token"
+    token.write_text("s.token")
+    chown(token)
+    return token
+
+
 class _StallingServer:
     """Accepts TCP connections on 127.0.0.1 and never answers."""
 
@@ -270,10 +279,7 @@ def test_stalled_provider_check_does_not_block_key_creation(tde, keyring):
     import time
     c = tde
     stall = _StallingServer()
-    token = keyring / "token"
-    token.write_text("s.token")
-    from cluster import chown
-    chown(token)
+    token = _token_file(keyring)
     adder = subprocess.Popen(
         c.psql_args() + ["-c", f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{stall.port}', "
                                f"'secret', '{token}', NULL)"],
@@ -348,11 +354,8 @@ def test_first_encrypted_wal_write_finds_the_server_key_cached(clusters, keyring
 
 def test_provider_calls_can_be_cancelled(tde, keyring):
     import time
-    from cluster import chown
     c = tde
-    token = keyring / "token"
-    token.write_text("s.token")
-    chown(token)
+    token = _token_file(keyring)
     stall = _StallingServer()
     try:
         q = (f"SELECT pg_tde_add_global_key_provider_vault_v2('stalled', 'https://127.0.0.1:{stall.port}', "
@@ -418,11 +421,8 @@ class _VaultThatStallsOnKeys:
 
 def test_key_creation_in_a_stalled_provider_can_be_cancelled(tde, keyring):
     import time
-    from cluster import chown
     c = tde
-    token = keyring / "token"
-    token.write_text("s.token")
-    chown(token)
+    token = _token_file(keyring)
     vault = _VaultThatStallsOnKeys()
     try:
         c.sql("SET pg_tde.vault_allow_http = on; "

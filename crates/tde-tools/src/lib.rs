@@ -156,6 +156,29 @@ pub fn sibling_program(program: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(program))
 }
 
+/// The values of every occurrence of a command-line option of a wrapped
+/// PostgreSQL program, in order: `-x V`, `-xV`, `--long V`, `--long=V`
+/// (`short` may be empty).  The value that follows an option named in
+/// `opaque` (options that pass options on to a server) is never looked into.
+pub fn option_values(args: &[String], short: &str, long: &str, opaque: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if opaque.contains(&a.as_str()) {
+            it.next();
+        } else if a == short || a == long {
+            out.extend(it.next().cloned());
+        } else if let Some(v) = a.strip_prefix(long).and_then(|v| v.strip_prefix('=')) {
+            out.push(v.to_string());
+        } else if let Some(v) =
+            a.strip_prefix(short).filter(|v| !short.is_empty() && !v.is_empty() && !a.starts_with("--"))
+        {
+            out.push(v.to_string());
+        }
+    }
+    out
+}
+
 /// `main` of a tool: run, print the error on failure.
 pub fn exit_with(tool: &str, result: Result<(), String>) -> std::process::ExitCode {
     match result {

@@ -18,7 +18,7 @@
 
 use std::process::{Command, ExitCode};
 
-use tde_tools::sibling_program;
+use tde_tools::{option_values, sibling_program};
 
 /// Options of `pg_amcheck` that take a value and that psql understands too.
 const CONNECTION: &[(&str, &str)] = &[("-h", "--host"), ("-p", "--port"), ("-U", "--username")];
@@ -39,20 +39,7 @@ const INDEX_LIST: &str = "SELECT i.indexrelid FROM pg_index i \
 
 /// The value of each occurrence of an option (`-x V`, `-xV`, `--long V`, `--long=V`).
 fn values(args: &[String], short: &str, long: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == short || a == long {
-            out.extend(it.next().cloned());
-        } else if let Some(v) = a.strip_prefix(&format!("{long}=")) {
-            out.push(v.to_string());
-        } else if let Some(v) =
-            a.strip_prefix(short).filter(|v| !short.is_empty() && !v.is_empty() && !a.starts_with("--"))
-        {
-            out.push(v.to_string());
-        }
-    }
-    out
+    option_values(args, short, long, &[])
 }
 
 /// Run one query in `db` through psql; its rows, fields separated by `\x1f`.

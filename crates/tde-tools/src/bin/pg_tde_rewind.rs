@@ -28,24 +28,14 @@ use std::process::{Command, ExitCode};
 
 use tde_tools::pgdata::ControlFile;
 use tde_tools::{
-    decrypt_segment, encrypt_segment, parse_segment_name, sibling_program, wal_wrapping, PrivateTmp, WalKeyring,
+    decrypt_segment, encrypt_segment, option_values, parse_segment_name, sibling_program, wal_wrapping, PrivateTmp,
+    WalKeyring,
 };
 
 /// The target data directory named by `-D DIR`, `-DDIR`, `--target-pgdata DIR`
 /// or `--target-pgdata=DIR`.
 fn target_pgdata(args: &[String]) -> Option<PathBuf> {
-    let mut it = args.iter();
-    let mut found = None;
-    while let Some(a) = it.next() {
-        if a == "-D" || a == "--target-pgdata" {
-            found = it.next().map(PathBuf::from);
-        } else if let Some(v) = a.strip_prefix("--target-pgdata=") {
-            found = Some(PathBuf::from(v));
-        } else if let Some(v) = a.strip_prefix("-D").filter(|v| !v.is_empty() && !a.starts_with("--")) {
-            found = Some(PathBuf::from(v));
-        }
-    }
-    found
+    option_values(args, "-D", "--target-pgdata", &[]).pop().map(PathBuf::from)
 }
 
 /// Whether `name` is a WAL segment file name (24 hexadecimal digits).

@@ -26,28 +26,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use tde_tools::sibling_program;
+use tde_tools::{option_values, sibling_program};
 
 /// The value of an option given as `-x V`, `-xV`, `--long V` or `--long=V`
 /// (the last one given wins), else the environment variable `env`.
 fn option_value(args: &[String], short: &str, long: &str, env: &str) -> Option<PathBuf> {
-    let mut found = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        // The values of options that pass options on to the servers are not ours.
-        if matches!(a.as_str(), "-o" | "-O" | "--old-options" | "--new-options") {
-            it.next();
-            continue;
-        }
-        if a == short || a == long {
-            found = it.next().map(PathBuf::from);
-        } else if let Some(v) = a.strip_prefix(&format!("{long}=")) {
-            found = Some(PathBuf::from(v));
-        } else if let Some(v) = a.strip_prefix(short).filter(|v| !v.is_empty() && !a.starts_with("--")) {
-            found = Some(PathBuf::from(v));
-        }
-    }
-    found.or_else(|| std::env::var_os(env).map(PathBuf::from))
+    // The values of options that pass options on to the servers are not ours.
+    option_values(args, short, long, &["-o", "-O", "--old-options", "--new-options"])
+        .pop()
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
 }
 
 /// Whether a file of `pg_tde/` is copied before `pg_upgrade` runs (everything
