@@ -29,6 +29,8 @@ type CopyData = unsafe extern "C-unwind" fn(pg_sys::Relation, *const pg_sys::Rel
 
 static mut HEAP_SET_NEW_FILELOCATOR: Option<SetNewFilelocator> = None;
 static mut HEAP_COPY_DATA: Option<CopyData> = None;
+/// Heap's routine, whose callbacks the access checks below hand on to.
+static mut HEAP_ROUTINE: std::mem::MaybeUninit<pg_sys::TableAmRoutine> = std::mem::MaybeUninit::zeroed();
 
 /// Build the routine once per process (called from `_PG_init`).
 pub fn init() {
@@ -42,7 +44,12 @@ pub fn init() {
         let heap = *pg_sys::GetHeapamTableAmRoutine();
         HEAP_SET_NEW_FILELOCATOR = heap.relation_set_new_filelocator;
         HEAP_COPY_DATA = heap.relation_copy_data;
+        (&raw mut HEAP_ROUTINE).cast::<pg_sys::TableAmRoutine>().write(heap);
         let mut ours = heap;
+        ours.scan_begin = Some(tde_scan_begin);
+        ours.index_fetch_begin = Some(tde_index_fetch_begin);
+        ours.tuple_insert = Some(tde_tuple_insert);
+        ours.multi_insert = Some(tde_multi_insert);
         ours.relation_set_new_filelocator = Some(tde_set_new_filelocator);
         ours.relation_copy_data = Some(tde_copy_data);
         ours.relation_toast_am = Some(tde_toast_am);
@@ -139,3 +146,81 @@ COMMENT ON ACCESS METHOD tde_heap IS 'heap, stored encrypted';
 "#,
     name = "tde_heap_am",
 );
+
+/// Heap's routine as captured in [`init`].
+fn heap() -> &'static pg_sys::TableAmRoutine {
+    // SAFETY: written once in init(), before tde_heap_handler hands out our
+    // routine, whose callbacks are the only callers; never written again.
+    unsafe { &*(&raw const HEAP_ROUTINE).cast::<pg_sys::TableAmRoutine>() }
+}
+
+/// Refuse access to a table whose database's principal key is revoked (see
+/// `key_check`): every read starts with a scan or an index fetch, every insert
+/// with one of the insert callbacks, so data that is still in shared buffers is
+/// refused as well as data on disk.  Temporary tables have keys of their own.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn check_access(rel: pg_sys::Relation) {
+    // SAFETY: per the contract rel is open.
+    let (db, persistence) = unsafe { ((*rel).rd_locator.dbOid.to_u32(), (*(*rel).rd_rel).relpersistence as u8) };
+    if persistence != pg_sys::RELPERSISTENCE_TEMP {
+        crate::key_check::check_database_access(db).or_raise();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_scan_begin(
+    rel: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    nkeys: std::ffi::c_int,
+    key: *mut pg_sys::ScanKeyData,
+    pscan: pg_sys::ParallelTableScanDesc,
+    flags: u32,
+) -> pg_sys::TableScanDesc {
+    // SAFETY: rel is open (the caller's); heap's callback with our arguments.
+    unsafe {
+        check_access(rel);
+        heap().scan_begin.expect("heap has scan_begin")(rel, snapshot, nkeys, key, pscan, flags)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_index_fetch_begin(rel: pg_sys::Relation) -> *mut pg_sys::IndexFetchTableData {
+    // SAFETY: as above.
+    unsafe {
+        check_access(rel);
+        heap().index_fetch_begin.expect("heap has index_fetch_begin")(rel)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_tuple_insert(
+    rel: pg_sys::Relation,
+    slot: *mut pg_sys::TupleTableSlot,
+    cid: pg_sys::CommandId,
+    options: std::ffi::c_int,
+    bistate: *mut pg_sys::BulkInsertStateData,
+) {
+    // SAFETY: as above.
+    unsafe {
+        check_access(rel);
+        heap().tuple_insert.expect("heap has tuple_insert")(rel, slot, cid, options, bistate)
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn tde_multi_insert(
+    rel: pg_sys::Relation,
+    slots: *mut *mut pg_sys::TupleTableSlot,
+    nslots: std::ffi::c_int,
+    cid: pg_sys::CommandId,
+    options: std::ffi::c_int,
+    bistate: *mut pg_sys::BulkInsertStateData,
+) {
+    // SAFETY: as above.
+    unsafe {
+        check_access(rel);
+        heap().multi_insert.expect("heap has multi_insert")(rel, slots, nslots, cid, options, bistate)
+    }
+}

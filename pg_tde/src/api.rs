@@ -12,6 +12,7 @@ use tde_core::keymap::PrincipalRef;
 use tde_core::provider::{KeyProvider, PrincipalKey, ProviderKind};
 use tde_core::providers_catalog::{open_provider, validate_options, ProviderCatalog, ProviderRecord};
 
+use crate::audit::AuditEvent;
 use crate::errors::{raise, raise_with, OrRaise};
 use crate::gucs;
 use crate::keys::{self, FileId};
@@ -30,7 +31,7 @@ const KEY_ADMIN_ROLE: &std::ffi::CStr = c"tde_key_admin";
 /// Providers, global keys, the default key and the server key may be managed
 /// only by superusers and members of `tde_key_admin`: a bare GRANT EXECUTE
 /// is not enough.
-fn require_key_admin(what: &str) {
+pub fn require_key_admin(what: &str) {
     // SAFETY: catalog lookups on the current user and a role name; no
     // pointers are kept.
     let allowed = unsafe {
@@ -93,7 +94,7 @@ fn provider_kind_and_options(provider_type: Option<&str>, options: Option<Json>)
         raise_with(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             &format!("unknown key provider type \"{provider_type}\""),
-            Some("Valid types are \"file\", \"vault-v2\" and \"kmip\"."),
+            Some("Valid types are \"file\", \"vault-v2\", \"kmip\", \"vault-transit\", \"kmip-wrap\" and \"command\"."),
         )
     };
     if !options.is_object() {
@@ -122,12 +123,13 @@ fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
     let superuser = unsafe { pg_sys::superuser() };
     let data_dir = std::env::current_dir().ok().map(|d| tde_core::providers_catalog::resolve_path(&d));
     for (option, path, access) in files {
-        let write = access == tde_core::providers_catalog::FileAccess::Write;
+        use tde_core::providers_catalog::FileAccess;
+        let write = access == FileAccess::Write;
         if !superuser {
-            let (role, role_name) = if write {
-                (pg_sys::ROLE_PG_WRITE_SERVER_FILES, "pg_write_server_files")
-            } else {
-                (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files")
+            let (role, role_name, verb) = match access {
+                FileAccess::Write => (pg_sys::ROLE_PG_WRITE_SERVER_FILES, "pg_write_server_files", "create and write"),
+                FileAccess::Read => (pg_sys::ROLE_PG_READ_SERVER_FILES, "pg_read_server_files", "read"),
+                FileAccess::Execute => (pg_sys::ROLE_PG_EXECUTE_SERVER_PROGRAM, "pg_execute_server_program", "run"),
             };
             // SAFETY: a catalog lookup on the current user and a built-in role.
             let allowed = unsafe { pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role)) };
@@ -136,8 +138,7 @@ fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
                     PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                     &format!("permission denied to name a server file in option \"{option}\""),
                     Some(&format!(
-                        "Only superusers and members of {role_name} may make the server {} its files, as with COPY.",
-                        if write { "create and write" } else { "read" }
+                        "Only superusers and members of {role_name} may make the server {verb} its files, as with COPY."
                     )),
                 );
             }
@@ -153,7 +154,7 @@ fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
             }
         }
     }
-    if kind == ProviderKind::VaultV2
+    if matches!(kind, ProviderKind::VaultV2 | ProviderKind::VaultTransit)
         && tde_core::providers_catalog::vault_uses_plain_http(options)
         && !crate::gucs::VAULT_ALLOW_HTTP.get()
     {
@@ -166,8 +167,14 @@ fn check_server_files(kind: ProviderKind, options: &serde_json::Value) {
 }
 
 /// Open a provider with the given settings and check that it is usable.
-fn reach_provider(name: &str, kind: ProviderKind, options: &serde_json::Value, db: u32) -> Box<dyn KeyProvider> {
-    let probe = ProviderRecord { id: 0, name: name.to_string(), kind, options: options.clone(), db_oid: db };
+fn reach_provider(
+    id: i32,
+    name: &str,
+    kind: ProviderKind,
+    options: &serde_json::Value,
+    db: u32,
+) -> Box<dyn KeyProvider> {
+    let probe = ProviderRecord { id, name: name.to_string(), kind, options: options.clone(), db_oid: db };
     let provider = open_provider(&probe).or_raise();
     crate::provider_call::cancellable(move || provider.check().map(|_| provider)).or_raise()
 }
@@ -189,13 +196,15 @@ fn add_provider(provider_type: Option<&str>, name: Option<&str>, options: Option
     duplicate(&ProviderCatalog::load(&keys::providers_path()).or_raise());
     // The provider is contacted before the key-file lock is taken: a slow or
     // stalled provider must not hold up key creation, unlinks and replay.
-    reach_provider(name, kind, &options, db);
-    keys::with_key_files_lock(|| {
+    reach_provider(0, name, kind, &options, db);
+    let id = keys::with_key_files_lock(|| {
         let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
         duplicate(&catalog);
-        catalog.add(name, kind, options, db).or_raise();
+        let id = catalog.add(name, kind, options, db).or_raise();
         keys::save_providers(&catalog).or_raise();
+        id
     });
+    crate::audit::record(AuditEvent::new("provider_added").provider(id, name));
 }
 
 fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Option<Json>, global: bool) {
@@ -216,7 +225,7 @@ fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Opt
     let id = find(&ProviderCatalog::load(&keys::providers_path()).or_raise());
     // The provider is contacted before the key-file lock is taken (see
     // add_provider); under the lock, nothing it was checked for may have changed.
-    let provider = reach_provider(name, kind, &options, db);
+    let provider = reach_provider(id, name, kind, &options, db);
     // Every principal key in use through this provider must be reachable
     // with the new settings and identical to the key in use.
     let checked = keys::headers_using_provider(id).or_raise();
@@ -255,13 +264,14 @@ fn change_provider(provider_type: Option<&str>, name: Option<&str>, options: Opt
         catalog.change(id, kind, options).or_raise();
         keys::save_providers(&catalog).or_raise();
     });
+    crate::audit::record(AuditEvent::new("provider_changed").provider(id, name));
 }
 
 fn delete_provider(name: Option<&str>, global: bool) {
     require_key_admin("delete a key provider");
     let name = required_name(name, "provider name");
     let db = scope_db(global);
-    keys::with_key_files_lock(|| {
+    let id = keys::with_key_files_lock(|| {
         let mut catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
         let Some(id) = catalog.providers.iter().find(|p| p.db_oid == db && p.name == name).map(|p| p.id) else {
             raise_with(
@@ -279,7 +289,11 @@ fn delete_provider(name: Option<&str>, global: bool) {
         }
         catalog.remove(id);
         keys::save_providers(&catalog).or_raise();
+        id
     });
+    // Its envelopes can never be opened again: provider ids are not reused.
+    keys::remove_provider_envelopes(id).or_raise();
+    crate::audit::record(AuditEvent::new("provider_deleted").provider(id, name));
 }
 
 #[pg_extern(name = "pg_tde_add_database_key_provider")]
@@ -539,20 +553,38 @@ fn create_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool)
     let provider = open_provider(&rec).or_raise();
     let (name, len) = (key_name.to_string(), gucs::cipher().principal_key_len());
     // Both provider calls on a helper thread, so that the session can cancel them; the new
-    // key is dropped (wiped) there.
+    // key is dropped (wiped) there. A wrapping provider's envelope comes back to be stored.
     let created = crate::provider_call::cancellable(move || {
         if provider.get_key(&name)?.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        provider.create_key(&name, len).map(|_| true)
-    })
-    .or_raise();
-    if !created {
+        provider.create_key(&name, len).map(|k| Some(k.envelope.clone()))
+    });
+    let event = AuditEvent::new("key_created").provider(rec.id, &rec.name).key(key_name);
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            crate::audit::record(event.failed(&e));
+            raise(e)
+        }
+    };
+    let Some(envelope) = created else {
         raise_with(
             PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             &format!("key \"{key_name}\" already exists in key provider \"{provider_name}\""),
             None,
-        );
+        )
+    };
+    match envelope {
+        Some(envelope) => {
+            let detail = format!("envelope key wrapped by {}", keys::kms_key_text(Some(&envelope)));
+            keys::store_envelope(envelope).or_raise();
+            crate::audit::record(
+                AuditEvent::new("kms_wrap").provider(rec.id, &rec.name).key(key_name).detail(detail.clone()),
+            );
+            crate::audit::record(event.detail(detail));
+        }
+        None => crate::audit::record(event),
     }
 }
 
@@ -593,7 +625,26 @@ fn set_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool) {
         require_key_admin("set a key from a global key provider");
     }
     let (principal, key) = fetch_key_for_set(key_name, provider_name, global);
-    keys::set_database_principal(my_database(), principal, &key.key).or_raise();
+    let db = my_database();
+    audited_set(db, &principal.clone(), || keys::set_database_principal(db, principal, &key.key));
+}
+
+/// Run a change of the principal key of `target` (a database, or the default or
+/// server key) and record it: `key_set` for a first key, `key_rotated` for a new one.
+fn audited_set(target: u32, principal: &PrincipalRef, change: impl FnOnce() -> tde_core::Result<()>) {
+    let before = keys::database_header(target).or_raise();
+    let kind = if before.is_some() { "key_rotated" } else { "key_set" };
+    let mut event = AuditEvent::new(kind).provider_id(principal.provider_id).key(&principal.name).target(target);
+    if let Some(b) = &before {
+        event = event.detail(format!("was \"{}\" of provider {}", b.principal.name, b.principal.provider_id));
+    }
+    match change() {
+        Ok(()) => crate::audit::record(event),
+        Err(e) => {
+            crate::audit::record(event.failed(&e));
+            raise(e)
+        }
+    }
 }
 
 #[pg_extern(name = "pg_tde_set_key_using_database_key_provider")]
@@ -610,14 +661,14 @@ fn set_key_using_global_key_provider(key_name: Option<&str>, provider_name: Opti
 fn set_server_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
     require_key_admin("set the server key");
     let (principal, key) = fetch_key_for_set(key_name, provider_name, true);
-    keys::set_server_principal(principal, &key.key).or_raise();
+    audited_set(keys::SERVER_KEY_DB, &principal.clone(), || keys::set_server_principal(principal, &key.key));
 }
 
 #[pg_extern(name = "pg_tde_set_default_key_using_global_key_provider")]
 fn set_default_key_using_global_key_provider(key_name: Option<&str>, provider_name: Option<&str>) {
     require_key_admin("set the default key");
     let (principal, key) = fetch_key_for_set(key_name, provider_name, true);
-    keys::set_default_principal(principal, &key.key).or_raise();
+    audited_set(keys::DEFAULT_KEY_DB, &principal.clone(), || keys::set_default_principal(principal, &key.key));
 }
 
 /// Delete this database's principal key.  With encrypted relations left, the
@@ -629,13 +680,17 @@ fn delete_key() {
     let Some(header) = keys::database_header(db).or_raise() else {
         raise_with(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, "principal key not configured for this database", None)
     };
+    let deleted =
+        AuditEvent::new("key_deleted").provider_id(header.principal.provider_id).key(&header.principal.name).target(db);
     if keys::remove_map_if_unused(db).or_raise() {
+        crate::audit::record(deleted);
         return;
     }
     match keys::database_header(keys::DEFAULT_KEY_DB).or_raise() {
         Some(default) if !keys::same_principal(&default.principal, &header.principal) => {
             let key = keys::principal_key(&default.principal).or_raise();
             keys::set_database_principal(db, default.principal, &key).or_raise();
+            crate::audit::record(deleted.detail("the database now uses the default key"));
         }
         _ => raise_with(
             PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
@@ -663,8 +718,15 @@ fn delete_default_key() {
         }
     }
     keys::remove_map(keys::DEFAULT_KEY_DB).or_raise();
+    crate::audit::record(
+        AuditEvent::new("key_deleted")
+            .provider_id(default.principal.provider_id)
+            .key(&default.principal.name)
+            .target(keys::DEFAULT_KEY_DB),
+    );
 }
 
+#[allow(clippy::type_complexity)]
 fn key_info_of(
     db: u32,
 ) -> TableIterator<
@@ -674,6 +736,9 @@ fn key_info_of(
         name!(provider_name, Option<String>),
         name!(provider_id, i32),
         name!(key_creation_time, Option<TimestampWithTimeZone>),
+        name!(kms_key_id, Option<String>),
+        name!(kms_key_version, Option<String>),
+        name!(key_state, String),
     ),
 > {
     let rows = match keys::database_header(db).or_raise() {
@@ -681,11 +746,20 @@ fn key_info_of(
         Some(h) => {
             let catalog = ProviderCatalog::load(&keys::providers_path()).or_raise();
             let provider_name = catalog.by_id(h.principal.provider_id).map(|p| p.name.clone());
+            let envelope = keys::envelope_of(&h.principal).or_raise();
+            let state = match crate::key_check::state_of(&h.principal) {
+                None => "ok".to_string(),
+                Some((state, _, _, message)) if message.is_empty() => state.name().to_string(),
+                Some((state, _, _, message)) => format!("{}: {message}", state.name()),
+            };
             vec![(
                 h.principal.name.clone(),
                 provider_name,
                 h.principal.provider_id,
                 unix_to_timestamptz(h.principal.created_unix_secs),
+                envelope.as_ref().map(|e| e.kms_key_id.clone()),
+                envelope.and_then(|e| e.kms_key_version),
+                state,
             )]
         }
     };
@@ -699,6 +773,7 @@ fn unix_to_timestamptz(secs: i64) -> Option<TimestampWithTimeZone> {
 }
 
 #[pg_extern(name = "pg_tde_key_info")]
+#[allow(clippy::type_complexity)]
 fn key_info() -> TableIterator<
     'static,
     (
@@ -706,12 +781,16 @@ fn key_info() -> TableIterator<
         name!(provider_name, Option<String>),
         name!(provider_id, i32),
         name!(key_creation_time, Option<TimestampWithTimeZone>),
+        name!(kms_key_id, Option<String>),
+        name!(kms_key_version, Option<String>),
+        name!(key_state, String),
     ),
 > {
     key_info_of(my_database())
 }
 
 #[pg_extern(name = "pg_tde_server_key_info")]
+#[allow(clippy::type_complexity)]
 fn server_key_info() -> TableIterator<
     'static,
     (
@@ -719,12 +798,16 @@ fn server_key_info() -> TableIterator<
         name!(provider_name, Option<String>),
         name!(provider_id, i32),
         name!(key_creation_time, Option<TimestampWithTimeZone>),
+        name!(kms_key_id, Option<String>),
+        name!(kms_key_version, Option<String>),
+        name!(key_state, String),
     ),
 > {
     key_info_of(keys::SERVER_KEY_DB)
 }
 
 #[pg_extern(name = "pg_tde_default_key_info")]
+#[allow(clippy::type_complexity)]
 fn default_key_info() -> TableIterator<
     'static,
     (
@@ -732,6 +815,9 @@ fn default_key_info() -> TableIterator<
         name!(provider_name, Option<String>),
         name!(provider_id, i32),
         name!(key_creation_time, Option<TimestampWithTimeZone>),
+        name!(kms_key_id, Option<String>),
+        name!(kms_key_version, Option<String>),
+        name!(key_state, String),
     ),
 > {
     key_info_of(keys::DEFAULT_KEY_DB)
@@ -878,7 +964,10 @@ SET search_path = pg_catalog AS $$
         'pg_tde_server_key_info()',
         'pg_tde_default_key_info()',
         'pg_tde_verify_server_key()',
-        'pg_tde_verify_default_key()']
+        'pg_tde_verify_default_key()',
+        'pg_tde_check_keys()',
+        'pg_tde_key_state()',
+        'pg_tde_audit_events()']
 $$;
 
 CREATE FUNCTION pg_tde_grant_database_key_management_to_role(target_role text) RETURNS void
@@ -908,6 +997,7 @@ BEGIN
     FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.%s TO %I', f, target_role);
     END LOOP;
+    EXECUTE format('GRANT SELECT ON @extschema@.pg_tde_audit_log TO %I', target_role);
     EXECUTE format('GRANT tde_key_admin TO %I', target_role);
 END
 $$;
@@ -919,6 +1009,7 @@ BEGIN
     FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION @extschema@.%s FROM %I', f, target_role);
     END LOOP;
+    EXECUTE format('REVOKE SELECT ON @extschema@.pg_tde_audit_log FROM %I', target_role);
     EXECUTE format('REVOKE tde_key_admin FROM %I', target_role);
 END
 $$;

@@ -15,7 +15,7 @@ pub fn sqlstate(err: &TdeError) -> PgSqlErrorCode {
         TdeError::Corrupt(_) | TdeError::Decrypt(_) => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
         TdeError::NotFound(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         TdeError::Invalid(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        TdeError::Provider(_) => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+        TdeError::Provider(_) | TdeError::Refused(_) => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
     }
 }
 

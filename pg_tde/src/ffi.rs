@@ -23,6 +23,8 @@ pub unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
 
 #[allow(improper_ctypes)]
 unsafe extern "C-unwind" {
+    /// `postmaster/bgwriter.h`, not in pgrx's bindings.
+    pub fn RequestCheckpoint(flags: std::ffi::c_int);
     pub fn mdinit();
     pub fn mdopen(reln: SMgrRelation);
     pub fn mdclose(reln: SMgrRelation, forknum: ForkNumber::Type);

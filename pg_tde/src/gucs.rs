@@ -23,6 +23,12 @@ pub static INHERIT_GLOBAL_PROVIDERS: GucSetting<bool> = GucSetting::<bool>::new(
 /// Allow Vault providers on plain `http://` (the token then travels in clear):
 /// for tests against a local development server only.
 pub static VAULT_ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Seconds between two checks of every principal key in use with its provider (0: never).
+pub static KEY_CHECK_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(600);
+/// Seconds a key whose provider cannot be reached stays usable (-1: for ever).
+pub static KEY_UNREACHABLE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// Write every key event to the server log as a structured line.
+pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Test-only: name of a point at which the server process crashes (see
 /// [`crash_point`]).  Hidden from SHOW ALL; superuser only.
 pub static TEST_CRASH_POINT: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
@@ -88,6 +94,35 @@ pub fn init() {
         c"Allow Vault key providers on plain http:// (the token is sent in clear).",
         c"For tests against a local development server only.",
         &VAULT_ALLOW_HTTP,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tde.key_check_interval",
+        c"Seconds between checks of every principal key in use with its key provider (0 turns the checks off).",
+        c"A key the KMS refuses (revoked, disabled, deleted, expired, permission removed) stops being used; \
+          access resumes when a later check succeeds.",
+        &KEY_CHECK_INTERVAL,
+        0,
+        7 * 24 * 3600,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tde.key_unreachable_grace",
+        c"Seconds a principal key stays in use while its key provider cannot be reached (-1: without limit).",
+        c"",
+        &KEY_UNREACHABLE_GRACE,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tde.audit",
+        c"Write every key event to the server log as one structured line.",
+        c"Key events are also kept in memory and shown by the pg_tde_audit_log view.",
+        &AUDIT,
         GucContext::Suset,
         GucFlags::default(),
     );

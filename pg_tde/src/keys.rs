@@ -24,11 +24,13 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{pg_shmem_init, PgAtomic};
 use tde_core::cipher::{PageCipher, RelKey};
+use tde_core::envelope::{Envelope, EnvelopeStore};
 use tde_core::keymap::{self, KeyMapEntry, KeyMapHeader, PrincipalRef};
 use tde_core::providers_catalog::{open_provider, ProviderCatalog};
 use tde_core::{Result, TdeError};
 use zeroize::Zeroizing;
 
+use crate::audit::AuditEvent;
 use crate::rmgr;
 
 /// Directory of pg_tde's files, relative to the data directory (every
@@ -246,7 +248,16 @@ pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u
     };
     let provider = open_provider(rec).map_err(in_provider)?;
     let name = r.name.clone();
-    match crate::provider_call::cancellable(move || provider.get_key(&name)).map_err(in_provider)? {
+    let fetched = crate::provider_call::cancellable(move || provider.get_key(&name)).map_err(in_provider);
+    if rec.kind.wraps() {
+        let event = AuditEvent::new("kms_unwrap").provider(rec.id, &rec.name).key(&r.name);
+        crate::audit::record(match &fetched {
+            Ok(Some(k)) => event.detail(kms_key_text(k.envelope.as_ref())),
+            Ok(None) => event.failed("no envelope"),
+            Err(e) => event.failed(e),
+        });
+    }
+    match fetched? {
         Some(k) => Ok(k.key),
         None => {
             Err(TdeError::Provider(format!("principal key \"{}\" not found in key provider \"{}\"", r.name, rec.name)))
@@ -254,8 +265,80 @@ pub fn fetch_principal_from_provider(r: &PrincipalRef) -> Result<Zeroizing<Vec<u
     }
 }
 
-/// The principal key `r` names, from shared memory or else from its provider.
+/// "KMS key <id> version <n>" of an envelope, for audit details.
+pub fn kms_key_text(envelope: Option<&Envelope>) -> String {
+    match envelope {
+        Some(e) => match &e.kms_key_version {
+            Some(v) => format!("KMS key \"{}\" version {v}", e.kms_key_id),
+            None => format!("KMS key \"{}\"", e.kms_key_id),
+        },
+        None => String::new(),
+    }
+}
+
+/// Ask the provider of a key map's principal key whether the key may still be used
+/// (the key check): a storing provider must return the key the map was sealed with;
+/// a wrapping provider's KMS must still open the envelope, which is then re-wrapped
+/// when the KMS key has a newer version (on a primary; a standby gets the re-wrapped
+/// envelope through the WAL).  [`TdeError::Refused`] when the answer is no.
+pub fn check_principal_with_provider(header: &KeyMapHeader) -> Result<()> {
+    let r = &header.principal;
+    let catalog = ProviderCatalog::load(&providers_path())?;
+    let rec = catalog
+        .by_id(r.provider_id)
+        .ok_or_else(|| TdeError::Refused(format!("key provider with id {} does not exist", r.provider_id)))?;
+    if !rec.kind.wraps() {
+        let key = fetch_principal_from_provider(r)?;
+        return header.verify_principal(&key).map_err(|_| {
+            TdeError::Refused(format!(
+                "key provider \"{}\" returns another key under the name \"{}\" than the one in use",
+                rec.name, r.name
+            ))
+        });
+    }
+    let envelope = envelope_of(r)?.ok_or_else(|| {
+        TdeError::Corrupt(format!(
+            "the envelope of principal key \"{}\" of key provider \"{}\" is missing",
+            r.name, rec.name
+        ))
+    })?;
+    let wrapper = tde_core::providers_catalog::open_wrapper(rec.kind, &rec.options)?;
+    let wrapped = envelope.wrapped_key();
+    // SAFETY: reads shared recovery state.
+    let primary = unsafe { !pg_sys::RecoveryInProgress() };
+    let rewrapped = crate::provider_call::cancellable(move || {
+        wrapper.verify(&wrapped)?;
+        if primary {
+            wrapper.rewrap(&wrapped)
+        } else {
+            Ok(None)
+        }
+    })?;
+    if let Some(new) = rewrapped {
+        let new = envelope.rewrapped(new);
+        let detail = format!("{} -> {}", kms_key_text(Some(&envelope)), kms_key_text(Some(&new)));
+        store_envelope(new)?;
+        crate::audit::record(AuditEvent::new("kms_rewrap").provider(rec.id, &rec.name).key(&r.name).detail(detail));
+    }
+    Ok(())
+}
+
+/// Zero and drop a principal key from the shared cache (a revoked key).
+pub fn forget_principal_now(r: &PrincipalRef) {
+    forget_principal(r);
+}
+
+/// Make every process drop the relation keys it has unwrapped.
+pub fn invalidate_local_keys() {
+    bump_generation();
+}
+
+/// The principal key `r` names, from shared memory or else from its provider;
+/// refused while the key check finds it revoked.
 pub fn principal_key(r: &PrincipalRef) -> Result<Zeroizing<Vec<u8>>> {
+    if let Some(refused) = crate::key_check::refusal(r) {
+        return Err(refused);
+    }
     if let Some(k) = cached_principal(r) {
         return Ok(k);
     }
@@ -823,6 +906,48 @@ pub fn redo_providers(bytes: &[u8]) -> Result<()> {
     ensure_key_dir()?;
     let catalog = ProviderCatalog::from_bytes(bytes)?;
     with_key_files_lock(|| catalog.save_atomic(&providers_path()))
+}
+
+pub fn envelopes_path() -> PathBuf {
+    PathBuf::from(format!("{KEY_DIR}/{}", tde_core::envelope::FILE_NAME))
+}
+
+pub fn redo_envelopes(bytes: &[u8]) -> Result<()> {
+    ensure_key_dir()?;
+    let store = EnvelopeStore::from_bytes(bytes)?;
+    with_key_files_lock(|| store.save_atomic(&envelopes_path()))
+}
+
+/// Store an envelope (new, or re-wrapped): the whole store is WAL-logged and then
+/// atomically replaces the file, under the key-file lock.
+pub fn store_envelope(envelope: Envelope) -> Result<()> {
+    ensure_key_dir()?;
+    with_key_files_lock(|| {
+        let mut store = EnvelopeStore::load(&envelopes_path())?;
+        store.put(envelope);
+        let bytes = store.to_bytes()?;
+        rmgr::log_envelopes(&bytes);
+        store.save_atomic(&envelopes_path())
+    })
+}
+
+/// Remove the envelopes of a deleted provider (WAL-logged); the count removed.
+pub fn remove_provider_envelopes(provider_id: i32) -> Result<usize> {
+    with_key_files_lock(|| {
+        let mut store = EnvelopeStore::load(&envelopes_path())?;
+        let removed = store.remove_provider(provider_id);
+        if removed > 0 {
+            let bytes = store.to_bytes()?;
+            rmgr::log_envelopes(&bytes);
+            store.save_atomic(&envelopes_path())?;
+        }
+        Ok(removed)
+    })
+}
+
+/// The envelope of a principal key of a wrapping provider.
+pub fn envelope_of(r: &PrincipalRef) -> Result<Option<Envelope>> {
+    Ok(EnvelopeStore::load(&envelopes_path())?.find(r.provider_id, &r.name).cloned())
 }
 
 /// Save a changed provider catalog: WAL first, then the file.

@@ -28,10 +28,12 @@ use pgrx::prelude::*;
 mod aio_read;
 mod am;
 mod api;
+mod audit;
 mod errors;
 mod ffi;
 mod gucs;
 mod hooks;
+mod key_check;
 mod key_memory;
 mod keys;
 mod provider_call;
@@ -69,6 +71,9 @@ pub extern "C-unwind" fn _PG_init() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     keys::init_shmem();
+    audit::init_shmem();
+    key_check::init_shmem();
+    key_check::register_worker();
     am::init();
     smgr::init();
     #[cfg(feature = "pg18")]

@@ -31,6 +31,8 @@ const XLOG_TDE_RELATION_KEY: u8 = 0x10;
 const XLOG_TDE_MAP_REWRITE: u8 = 0x20;
 const XLOG_TDE_PROVIDERS: u8 = 0x30;
 const XLOG_TDE_MAP_REMOVE: u8 = 0x40;
+/// The whole envelope store of wrapping providers (`pg_tde/envelopes.json`).
+const XLOG_TDE_ENVELOPES: u8 = 0x50;
 
 const XLR_INFO_MASK: u8 = 0x0F;
 
@@ -88,6 +90,11 @@ pub fn log_providers(bytes: &[u8]) {
     insert(XLOG_TDE_PROVIDERS, &[bytes]);
 }
 
+/// Log the whole envelope store (KMS-wrapped keys only) before it replaces the file.
+pub fn log_envelopes(bytes: &[u8]) {
+    insert(XLOG_TDE_ENVELOPES, &[bytes]);
+}
+
 /// The record's info bits and main data.
 ///
 /// # Safety
@@ -142,6 +149,7 @@ unsafe extern "C-unwind" fn tde_redo(record: *mut pg_sys::XLogReaderState) {
         }
         XLOG_TDE_PROVIDERS => keys::redo_providers(data),
         XLOG_TDE_MAP_REMOVE => keys::redo_map_remove(split_db(data).0),
+        XLOG_TDE_ENVELOPES => keys::redo_envelopes(data),
         other => Err(tde_core::TdeError::Corrupt(format!("unknown pg_tde WAL record info {other:#x}"))),
     };
     if let Err(e) = result {
@@ -164,7 +172,7 @@ unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sy
             }
         }
         XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
-        XLOG_TDE_PROVIDERS => format!("{} bytes", data.len()),
+        XLOG_TDE_PROVIDERS | XLOG_TDE_ENVELOPES => format!("{} bytes", data.len()),
         XLOG_TDE_MAP_REMOVE if data.len() >= 4 => format!("db {}", split_db(data).0),
         _ => String::new(),
     };
@@ -180,6 +188,7 @@ unsafe extern "C-unwind" fn tde_identify(info: u8) -> *const c_char {
         XLOG_TDE_MAP_REWRITE => c"KEY_MAP_REWRITE",
         XLOG_TDE_PROVIDERS => c"PROVIDERS",
         XLOG_TDE_MAP_REMOVE => c"KEY_MAP_REMOVE",
+        XLOG_TDE_ENVELOPES => c"ENVELOPES",
         _ => return std::ptr::null(),
     };
     name.as_ptr()

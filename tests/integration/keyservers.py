@@ -413,6 +413,23 @@ class PyKmip:
     def logs(self) -> str:
         return f"--- output ---\n{_tail(self.out)}\n--- log ---\n{_tail(self.log)}"
 
+    def full_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def revoke(self, uid: str, reason: str = "CESSATION_OF_OPERATION") -> None:
+        """Revoke a key with PyKMIP's own client (a revoked key cannot be reactivated)."""
+        first = self.binary.read_text(errors="replace").splitlines()[0]
+        python = first[2:].split() if first.startswith("#!") else ["python3"]
+        script = (
+            "import sys, warnings\nwarnings.simplefilter('ignore')\n"
+            "from kmip.core import enums\nfrom kmip.pie.client import ProxyKmipClient\n"
+            "c = ProxyKmipClient(hostname='127.0.0.1', port=int(sys.argv[1]), cert=sys.argv[2], key=sys.argv[3],"
+            " ca=sys.argv[4], config_file='/dev/null', kmip_version=enums.KMIPVersion.KMIP_1_2)\n"
+            "with c:\n    c.revoke(getattr(enums.RevocationReasonCode, sys.argv[6]), sys.argv[5])\n"
+        )
+        subprocess.run(python + ["-c", script, str(self.port), str(self.client_cert), str(self.client_key),
+                                 str(self.ca), uid, reason], check=True, capture_output=True)
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -11,6 +11,7 @@
 //! | `NotFound` | a file or object does not exist                      | `undefined_object`           |
 //! | `Invalid`  | the caller passed bad input                          | `invalid_parameter_value`    |
 //! | `Provider` | a key provider failed or answered unexpectedly       | `external_routine_exception` |
+//! | `Refused`  | a KMS refused: key revoked, disabled, deleted, expired, or permission removed | `external_routine_exception` |
 //!
 //! No message built by this crate ever contains key bytes.
 
@@ -39,6 +40,11 @@ pub enum TdeError {
     /// A key provider failed.
     #[error("key provider error: {0}")]
     Provider(String),
+    /// A KMS answered and refused the key: it is revoked, disabled, deleted or
+    /// expired, or the credentials lost the permission to use it. Unlike
+    /// [`TdeError::Provider`] this is a definite "no", not an outage.
+    #[error("key refused by the KMS: {0}")]
+    Refused(String),
 }
 
 /// `Result` with [`TdeError`].

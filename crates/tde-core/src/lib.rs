@@ -12,6 +12,8 @@
 //! - [`provider`]: the key provider trait and the file keyring provider;
 //! - [`providers_catalog`]: the cluster's registry of configured key providers
 //!   (`$PGDATA/pg_tde/providers.json`);
+//! - [`envelope`]: the KMS-wrapped principal keys of wrapping providers
+//!   (`$PGDATA/pg_tde/envelopes.json`);
 //! - [`secret_buf`]: buffers for key material that are wiped whenever they grow.
 //!
 //! Every error is a [`TdeError`]; no error message contains key bytes.
@@ -20,6 +22,7 @@
 #[allow(unsafe_code)]
 mod avx512;
 pub mod cipher;
+pub mod envelope;
 pub mod error;
 mod fsutil;
 pub mod keymap;

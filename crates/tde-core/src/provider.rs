@@ -3,7 +3,10 @@
 //! Principal keys never live in `$PGDATA`; they are fetched from a provider through the
 //! [`KeyProvider`] trait. The kinds of provider are listed by [`ProviderKind`]; this
 //! crate implements the file keyring ([`FileKeyring`]), Vault / OpenBao KV v2
-//! ([`VaultV2Provider`]) and KMIP ([`KmipProvider`]).
+//! ([`VaultV2Provider`]) and KMIP ([`KmipProvider`]), which store keys, and the
+//! wrapping providers ([`wrapping`]): Vault / OpenBao Transit ([`VaultTransitWrapper`]),
+//! KMIP `Encrypt`/`Decrypt` and external KMS adapters ([`CommandWrapper`]), whose keys
+//! are envelopes that only the KMS can open.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,13 +16,19 @@ use zeroize::Zeroizing;
 
 use crate::error::{Result, TdeError};
 
+pub mod command;
 mod file;
 pub mod kmip;
+pub mod transit;
 pub mod vault;
+pub mod wrapping;
 
+pub use command::{parse_command_options, CommandOptions, CommandWrapper};
 pub use file::FileKeyring;
 pub use kmip::{parse_kmip_options, KmipOptions, KmipProvider};
+pub use transit::VaultTransitWrapper;
 pub use vault::{parse_vault_options, VaultOptions, VaultV2Provider};
+pub use wrapping::{EnvelopeProvider, KeyWrapper, WrappedKey};
 
 /// Longest key name, in bytes.
 pub const MAX_KEY_NAME_LEN: usize = 255;
@@ -31,11 +40,18 @@ pub struct PrincipalKey {
     pub name: String,
     /// Key bytes, zeroed on drop.
     pub key: Zeroizing<Vec<u8>>,
+    /// For a wrapping provider, the key's envelope (see [`crate::envelope`]); after
+    /// `create_key` the caller must store it before the key is used.
+    pub envelope: Option<crate::envelope::Envelope>,
 }
 
 impl fmt::Debug for PrincipalKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PrincipalKey").field("name", &self.name).field("len", &self.key.len()).finish_non_exhaustive()
+        f.debug_struct("PrincipalKey")
+            .field("name", &self.name)
+            .field("len", &self.key.len())
+            .field("envelope", &self.envelope)
+            .finish_non_exhaustive()
     }
 }
 
@@ -74,12 +90,37 @@ pub enum ProviderKind {
     /// A KMIP server (`kmip`).
     #[serde(rename = "kmip")]
     Kmip,
+    /// Vault / OpenBao Transit, wrapping envelope keys (`vault-transit`).
+    #[serde(rename = "vault-transit")]
+    VaultTransit,
+    /// A KMIP server's `Encrypt` / `Decrypt`, wrapping envelope keys (`kmip-wrap`).
+    #[serde(rename = "kmip-wrap")]
+    KmipWrap,
+    /// An external KMS adapter program, wrapping envelope keys (`command`).
+    #[serde(rename = "command")]
+    Command,
 }
 
 impl ProviderKind {
-    /// The kind for a type name: `file`, `vault-v2` or `kmip`.
+    /// Every kind.
+    pub const ALL: [ProviderKind; 6] = [
+        ProviderKind::File,
+        ProviderKind::VaultV2,
+        ProviderKind::Kmip,
+        ProviderKind::VaultTransit,
+        ProviderKind::KmipWrap,
+        ProviderKind::Command,
+    ];
+
+    /// The kind for a type name: `file`, `vault-v2`, `kmip`, `vault-transit`, `kmip-wrap`
+    /// or `command`.
     pub fn from_type_name(name: &str) -> Option<ProviderKind> {
-        [ProviderKind::File, ProviderKind::VaultV2, ProviderKind::Kmip].into_iter().find(|k| k.type_name() == name)
+        Self::ALL.into_iter().find(|k| k.type_name() == name)
+    }
+
+    /// Whether the provider wraps envelope keys rather than storing keys.
+    pub fn wraps(&self) -> bool {
+        matches!(self, ProviderKind::VaultTransit | ProviderKind::KmipWrap | ProviderKind::Command)
     }
 
     /// The type name of this kind.
@@ -88,6 +129,9 @@ impl ProviderKind {
             ProviderKind::File => "file",
             ProviderKind::VaultV2 => "vault-v2",
             ProviderKind::Kmip => "kmip",
+            ProviderKind::VaultTransit => "vault-transit",
+            ProviderKind::KmipWrap => "kmip-wrap",
+            ProviderKind::Command => "command",
         }
     }
 }
@@ -136,9 +180,14 @@ mod tests {
 
     #[test]
     fn kinds_and_names() {
-        for (kind, name) in
-            [(ProviderKind::File, "file"), (ProviderKind::VaultV2, "vault-v2"), (ProviderKind::Kmip, "kmip")]
-        {
+        for (kind, name) in [
+            (ProviderKind::File, "file"),
+            (ProviderKind::VaultV2, "vault-v2"),
+            (ProviderKind::Kmip, "kmip"),
+            (ProviderKind::VaultTransit, "vault-transit"),
+            (ProviderKind::KmipWrap, "kmip-wrap"),
+            (ProviderKind::Command, "command"),
+        ] {
             assert_eq!(ProviderKind::from_type_name(name), Some(kind));
             assert_eq!(kind.type_name(), name);
             assert_eq!(serde_json::to_value(kind).unwrap(), json!(name));
@@ -179,7 +228,7 @@ mod tests {
 
     #[test]
     fn principal_key_debug_hides_bytes() {
-        let k = PrincipalKey { name: "n".into(), key: Zeroizing::new(vec![0xab; 16]) };
+        let k = PrincipalKey { name: "n".into(), key: Zeroizing::new(vec![0xab; 16]), envelope: None };
         let s = format!("{k:?}");
         assert!(s.contains("\"n\"") && !s.contains("171") && !s.contains("ab"), "{s}");
     }

@@ -31,6 +31,7 @@ use serde_json::Value;
 
 use crate::error::{Result, TdeError};
 use crate::fsutil;
+use crate::provider::{parse_command_options, CommandWrapper, EnvelopeProvider, KeyWrapper, VaultTransitWrapper};
 use crate::provider::{parse_file_options, FileKeyring, KeyProvider, ProviderKind};
 use crate::provider::{parse_kmip_options, KmipProvider};
 use crate::provider::{parse_vault_options, VaultV2Provider};
@@ -87,13 +88,15 @@ fn validate_name(name: &str) -> Result<()> {
 
 /// Validate the options of a provider of `kind`.
 ///
-/// `file`: see [`parse_file_options`]. `vault-v2`: see [`parse_vault_options`]. `kmip`: see
-/// [`parse_kmip_options`].
+/// `file`: see [`parse_file_options`]. `vault-v2` and `vault-transit`: see
+/// [`parse_vault_options`]. `kmip` and `kmip-wrap`: see [`parse_kmip_options`].
+/// `command`: see [`parse_command_options`].
 pub fn validate_options(kind: ProviderKind, options: &Value) -> Result<()> {
     match kind {
         ProviderKind::File => parse_file_options(options).map(|_| ()),
-        ProviderKind::VaultV2 => parse_vault_options(options).map(|_| ()),
-        ProviderKind::Kmip => parse_kmip_options(options).map(|_| ()),
+        ProviderKind::VaultV2 | ProviderKind::VaultTransit => parse_vault_options(options).map(|_| ()),
+        ProviderKind::Kmip | ProviderKind::KmipWrap => parse_kmip_options(options).map(|_| ()),
+        ProviderKind::Command => parse_command_options(options).map(|_| ()),
     }
 }
 
@@ -104,6 +107,8 @@ pub enum FileAccess {
     Read,
     /// Read, created and written (a keyring file, with its lock and probe files).
     Write,
+    /// Run as a program (a KMS adapter), as `COPY ... PROGRAM` runs one.
+    Execute,
 }
 
 /// The server files that a provider's options name: (option, path, access).
@@ -114,13 +119,13 @@ pub fn server_files(
 ) -> Result<Vec<(&'static str, std::path::PathBuf, FileAccess)>> {
     Ok(match kind {
         ProviderKind::File => vec![("path", parse_file_options(options)?, FileAccess::Write)],
-        ProviderKind::VaultV2 => {
+        ProviderKind::VaultV2 | ProviderKind::VaultTransit => {
             let o = parse_vault_options(options)?;
             let mut v = vec![("tokenPath", o.token_path, FileAccess::Read)];
             v.extend(o.ca_path.map(|p| ("caPath", p, FileAccess::Read)));
             v
         }
-        ProviderKind::Kmip => {
+        ProviderKind::Kmip | ProviderKind::KmipWrap => {
             let o = parse_kmip_options(options)?;
             vec![
                 ("certPath", o.cert_path, FileAccess::Read),
@@ -128,6 +133,7 @@ pub fn server_files(
                 ("caPath", o.ca_path, FileAccess::Read),
             ]
         }
+        ProviderKind::Command => vec![("command", parse_command_options(options)?.command, FileAccess::Execute)],
     })
 }
 
@@ -296,16 +302,39 @@ impl ProviderCatalog {
     }
 }
 
-/// Instantiate the provider described by `rec`.
-///
-/// `file`, `vault-v2` (which reads its token file here) and `kmip` (which reads its
-/// certificate files and contacts the server only in its methods) are supported.
+/// Instantiate the provider described by `rec`, for a process whose working directory is
+/// the data directory (a server process): see [`open_provider_in`].
 pub fn open_provider(rec: &ProviderRecord) -> Result<Box<dyn KeyProvider>> {
-    match rec.kind {
-        ProviderKind::File => Ok(Box::new(FileKeyring::new(parse_file_options(&rec.options)?))),
-        ProviderKind::VaultV2 => Ok(Box::new(VaultV2Provider::new(parse_vault_options(&rec.options)?)?)),
-        ProviderKind::Kmip => Ok(Box::new(KmipProvider::new(parse_kmip_options(&rec.options)?))),
-    }
+    open_provider_in(rec, Path::new("pg_tde"))
+}
+
+/// Instantiate the provider described by `rec`, with pg_tde's directory at `key_dir`
+/// (where wrapping providers find their envelopes).
+///
+/// `vault-v2` and `vault-transit` read their token file here; `kmip` and `kmip-wrap` read
+/// their certificate files and contact the server only in their methods; `command` runs
+/// its adapter only in its methods.
+pub fn open_provider_in(rec: &ProviderRecord, key_dir: &Path) -> Result<Box<dyn KeyProvider>> {
+    Ok(match rec.kind {
+        ProviderKind::File => Box::new(FileKeyring::new(parse_file_options(&rec.options)?)),
+        ProviderKind::VaultV2 => Box::new(VaultV2Provider::new(parse_vault_options(&rec.options)?)?),
+        ProviderKind::Kmip => Box::new(KmipProvider::new(parse_kmip_options(&rec.options)?)),
+        kind => Box::new(EnvelopeProvider::new(
+            rec.id,
+            open_wrapper(kind, &rec.options)?,
+            key_dir.join(crate::envelope::FILE_NAME),
+        )),
+    })
+}
+
+/// The KMS of a wrapping provider kind ([`ProviderKind::wraps`]).
+pub fn open_wrapper(kind: ProviderKind, options: &Value) -> Result<Box<dyn KeyWrapper>> {
+    Ok(match kind {
+        ProviderKind::VaultTransit => Box::new(VaultTransitWrapper::new(parse_vault_options(options)?)?),
+        ProviderKind::KmipWrap => Box::new(KmipProvider::new(parse_kmip_options(options)?)),
+        ProviderKind::Command => Box::new(CommandWrapper::new(parse_command_options(options)?)),
+        other => return Err(TdeError::Invalid(format!("key provider type \"{other}\" does not wrap keys"))),
+    })
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //! Key names here are ASCII: PyKMIP 0.11 decodes a Text String byte by byte and fails on
 //! multi-byte UTF-8 (a server bug; the provider sends names as UTF-8).
 //!
+//! The provider as a [`KeyWrapper`] (KMIP `Encrypt`/`Decrypt` with AES-GCM) is tested at the
+//! end: round trips, no `Get` ever sent (the server's log is read), tampered blobs, keys
+//! revoked or destroyed with PyKMIP's own client (refused), and a stopped server.
+//!
 //! `pykmip-server` is found through `$PYKMIP_SERVER`, `$PATH` or python3's scripts
 //! directory (`scripts/install-test-servers.sh` installs it). Without it the tests fail,
 //! unless `PG_TDE_SKIP_KMIP=1` is set.
@@ -21,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tde_core::provider::{KmipOptions, KmipProvider};
+use tde_core::provider::{KeyWrapper, KmipOptions, KmipProvider, WrappedKey};
 use tde_core::{open_provider, KeyProvider, ProviderKind, ProviderRecord, TdeError};
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -352,14 +356,16 @@ fn missing_key_is_none() {
 #[test]
 fn check_succeeds() {
     let Some(server) = Server::start() else { return };
-    server.provider().check().unwrap();
+    KeyProvider::check(&server.provider()).unwrap();
 }
 
 #[test]
 fn client_certificate_from_untrusted_ca_is_refused() {
     let Some(server) = Server::start() else { return };
     let p = KmipProvider::new(server.options("rogue", "ca"));
-    for m in [provider_error(p.check()), provider_error(p.get_key("k")), provider_error(p.create_key("k", 16))] {
+    for m in
+        [provider_error(KeyProvider::check(&p)), provider_error(p.get_key("k")), provider_error(p.create_key("k", 16))]
+    {
         let lower = m.to_lowercase();
         assert!(m.contains(&format!("127.0.0.1:{}", server.port)), "{m}");
         assert!(
@@ -375,7 +381,7 @@ fn client_certificate_from_untrusted_ca_is_refused() {
 fn server_certificate_from_other_ca_is_refused() {
     let Some(server) = Server::start() else { return };
     let p = KmipProvider::new(server.options("client", "otherca"));
-    let m = provider_error(p.check());
+    let m = provider_error(KeyProvider::check(&p));
     assert!(m.contains(&format!("127.0.0.1:{}", server.port)), "{m}");
     assert!(m.contains("TLS") && m.to_lowercase().contains("certificate"), "{m}");
     provider_error(p.get_key("k"));
@@ -393,7 +399,9 @@ fn closed_port_is_connection_refused() {
         key_path: pki.path("client.key"),
         ca_path: pki.path("ca.crt"),
     });
-    for m in [provider_error(p.check()), provider_error(p.get_key("k")), provider_error(p.create_key("k", 32))] {
+    for m in
+        [provider_error(KeyProvider::check(&p)), provider_error(p.get_key("k")), provider_error(p.create_key("k", 32))]
+    {
         assert!(m.contains(&format!("127.0.0.1:{port}")), "{m}");
         assert!(m.to_lowercase().contains("connection refused"), "{m}");
     }
@@ -487,4 +495,252 @@ fn a_trickling_server_is_cut_off_by_the_operation_deadline() {
     assert!(took >= Duration::from_millis(1500), "ended before the deadline ({took:?}): {message}");
     assert!(message.contains("timed out"), "{message}");
     assert!(message.contains("the whole operation 2 s"), "{message}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The provider as a KeyWrapper
+// ---------------------------------------------------------------------------------------
+
+/// Run `body` (Python, indented by 4 spaces) with `client`, a PyKMIP `ProxyKmipClient`
+/// connected to `server` with the good client certificate, and `args` in `sys.argv[5:]`;
+/// returns what it prints.
+fn pykmip_client(server: &Server, body: &str, args: &[&str]) -> String {
+    let python = python_of(&find_pykmip_server().unwrap());
+    let script = format!(
+        "import sys, warnings\n\
+         warnings.simplefilter('ignore')\n\
+         from kmip.core import enums\n\
+         from kmip.pie.client import ProxyKmipClient\n\
+         port, cert, key, ca = sys.argv[1:5]\n\
+         client = ProxyKmipClient(hostname='127.0.0.1', port=int(port), cert=cert, key=key, ca=ca,\n\
+         \x20                        config_file='/dev/null', kmip_version=enums.KMIPVersion.KMIP_1_2)\n\
+         with client:\n{body}\n"
+    );
+    let out = Command::new(&python[0])
+        .args(&python[1..])
+        .arg("-c")
+        .arg(&script)
+        .arg(server.port.to_string())
+        .args([server.pki.path("client.crt"), server.pki.path("client.key"), server.pki.path("ca.crt")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python failed:\n{script}\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The operations the server logged ("Processing operation: X"), in order.
+fn logged_operations(server: &Server) -> Vec<String> {
+    let log = fs::read_to_string(server.pki.path("server.log")).unwrap_or_default();
+    log.lines().filter_map(|l| l.split("Processing operation: ").nth(1)).map(|op| op.trim().to_string()).collect()
+}
+
+fn random_key(len: usize) -> Vec<u8> {
+    let mut key = vec![0u8; len];
+    getrandom::fill(&mut key).unwrap();
+    key
+}
+
+fn contains_window(haystack: &[u8], needle: &[u8], window: usize) -> bool {
+    needle.windows(window).any(|w| haystack.windows(window).any(|h| h == w))
+}
+
+fn refused(r: Result<impl std::fmt::Debug, TdeError>) -> String {
+    match r {
+        Err(TdeError::Refused(m)) => {
+            eprintln!("refused: {m}");
+            m
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn wrap_round_trip_never_gets_the_key() {
+    let Some(server) = Server::start() else { return };
+    let p = server.provider();
+    let name = "wrapping key";
+    p.prepare_key(name).unwrap();
+    p.prepare_key(name).unwrap(); // already there: fine
+    KeyWrapper::check(&p).unwrap();
+
+    let key = random_key(32);
+    let wrapped = p.wrap(name, &key).unwrap();
+    assert_eq!(wrapped.kms_key_id, name);
+    let uid = wrapped.kms_key_version.clone().expect("the key object's Unique Identifier");
+    assert_eq!(&wrapped.blob[..5], b"TKW\x01\x01");
+    assert_eq!(wrapped.blob.len(), 7 + wrapped.blob[5] as usize + 16 + 32);
+    assert!(!contains_window(&wrapped.blob, &key, 4), "the blob must not contain the key");
+    let debug = format!("{wrapped:?}");
+    assert!(debug.contains("blob_len") && !debug.contains("blob:"), "{debug}");
+    assert_eq!(*p.unwrap(&wrapped).unwrap(), key);
+
+    // The server draws a new IV each time.
+    let again = p.wrap(name, &key).unwrap();
+    assert_ne!(again.blob, wrapped.blob);
+    assert_eq!(again.kms_key_version.as_deref(), Some(uid.as_str()));
+    assert_eq!(*p.unwrap(&again).unwrap(), key);
+
+    // Without the object identifier, the key is found by name.
+    let by_name = WrappedKey { kms_key_version: None, ..wrapped.clone() };
+    assert_eq!(*p.unwrap(&by_name).unwrap(), key);
+
+    // A 16-byte key, and a second wrapping key.
+    p.prepare_key("other wrapping key").unwrap();
+    let short = random_key(16);
+    let w16 = p.wrap("other wrapping key", &short).unwrap();
+    assert_ne!(w16.kms_key_version, wrapped.kms_key_version);
+    assert_eq!(*p.unwrap(&w16).unwrap(), short);
+    assert_eq!(p.rewrap(&w16).unwrap(), None);
+
+    // The key of another object does not open the blob.
+    let crossed = WrappedKey { kms_key_version: w16.kms_key_version.clone(), ..wrapped.clone() };
+    let e = p.unwrap(&crossed).unwrap_err();
+    eprintln!("crossed: {e}");
+
+    // Bad input.
+    assert!(matches!(p.wrap(name, &[]), Err(TdeError::Invalid(_))));
+    assert!(matches!(p.wrap("", &key), Err(TdeError::Invalid(_))));
+    assert!(matches!(p.prepare_key(""), Err(TdeError::Invalid(_))));
+
+    // The server created each key once, encrypted and decrypted, and was never asked for
+    // a key (`Get`).
+    let ops = logged_operations(&server);
+    assert!(!ops.is_empty(), "no operations in the server log:\n{}", server.logs());
+    assert!(!ops.iter().any(|op| op == "Get"), "a Get was sent: {ops:?}");
+    assert_eq!(ops.iter().filter(|op| *op == "Create").count(), 2, "{ops:?}");
+    assert_eq!(ops.iter().filter(|op| *op == "Activate").count(), 2, "{ops:?}");
+    assert!(ops.iter().any(|op| op == "Encrypt") && ops.iter().any(|op| op == "Decrypt"), "{ops:?}");
+
+    // The key the provider created may only encrypt and decrypt (no Export, no Wrap Key)
+    // and is Active.
+    let attributes = pykmip_client(
+        &server,
+        "    _, attrs = client.get_attributes(sys.argv[5], ['Cryptographic Usage Mask', 'State',\n\
+         \x20       'Cryptographic Algorithm', 'Cryptographic Length'])\n\
+         \x20   for a in attrs:\n\
+         \x20       v = a.attribute_value.value\n\
+         \x20       print(a.attribute_name.value, getattr(v, 'name', v))\n",
+        &[&uid],
+    );
+    let mask: u32 = attributes
+        .lines()
+        .find_map(|l| l.strip_prefix("Cryptographic Usage Mask "))
+        .unwrap_or_else(|| panic!("no usage mask in {attributes}"))
+        .parse()
+        .unwrap();
+    assert_eq!(mask, 0x4 | 0x8, "Encrypt|Decrypt only: {attributes}");
+    assert_eq!(mask & 0x40, 0, "no Export bit");
+    assert!(attributes.contains("State ACTIVE"), "{attributes}");
+    assert!(attributes.contains("Cryptographic Algorithm AES"), "{attributes}");
+    assert!(attributes.contains("Cryptographic Length 256"), "{attributes}");
+}
+
+#[test]
+fn tampered_blobs_are_not_unwrapped() {
+    let Some(server) = Server::start() else { return };
+    let p = server.provider();
+    p.prepare_key("k").unwrap();
+    let key = random_key(32);
+    let wrapped = p.wrap("k", &key).unwrap();
+    let nonce_len = wrapped.blob[5] as usize;
+    // a byte of the nonce, of the tag and of the ciphertext
+    for at in [7, 7 + nonce_len, 7 + nonce_len + 16, wrapped.blob.len() - 1] {
+        let mut bad = wrapped.clone();
+        bad.blob[at] ^= 0x01;
+        // PyKMIP answers a tag mismatch with General Failure: not a refusal of the key
+        let m = provider_error(p.unwrap(&bad));
+        assert!(m.contains("Decrypt with key \"k\""), "tampered at {at}: {m}");
+        assert!(!m.contains(&format!("{:02x}{:02x}", key[0], key[1])));
+    }
+    // cut short: the server's tag check refuses it; garbled headers are refused here
+    let mut cut = wrapped.clone();
+    cut.blob.pop();
+    p.unwrap(&cut).expect_err("a shortened blob must not unwrap");
+    let mut cut = wrapped.clone();
+    cut.blob.truncate(7 + nonce_len + 16);
+    let m = provider_error(p.unwrap(&cut));
+    assert!(m.contains("\"k\"") && m.contains("truncated"), "{m}");
+    let m = provider_error(p.unwrap(&WrappedKey { blob: b"garbage".to_vec(), ..wrapped.clone() }));
+    assert!(m.contains("magic"), "{m}");
+    // an object that does not exist
+    let m = refused(p.unwrap(&WrappedKey { kms_key_version: Some("999999".into()), ..wrapped.clone() }));
+    assert!(m.contains("Item Not Found"), "{m}");
+    // the real one still works
+    assert_eq!(*p.unwrap(&wrapped).unwrap(), key);
+}
+
+#[test]
+fn revoked_and_destroyed_keys_are_refused() {
+    let Some(server) = Server::start() else { return };
+    let p = server.provider();
+    let endpoint = format!("127.0.0.1:{}", server.port);
+    let key = random_key(32);
+    for name in ["retired", "compromised"] {
+        p.prepare_key(name).unwrap();
+    }
+    let retired = p.wrap("retired", &key).unwrap();
+    let compromised = p.wrap("compromised", &key).unwrap();
+    let revoke = |wrapped: &WrappedKey, reason: &str| {
+        pykmip_client(
+            &server,
+            &format!("    client.revoke(enums.RevocationReasonCode.{reason}, sys.argv[5])\n"),
+            &[wrapped.kms_key_version.as_deref().unwrap()],
+        );
+    };
+
+    // Revoked for "cessation of operation": the key is Deactivated.
+    revoke(&retired, "CESSATION_OF_OPERATION");
+    let m = refused(p.unwrap(&retired));
+    assert!(m.contains(&endpoint) && m.contains("\"retired\"") && m.contains("Permission Denied"), "{m}");
+    let m = refused(p.wrap("retired", &key));
+    assert!(m.contains("Encrypt") && m.contains("Permission Denied"), "{m}");
+    // prepare_key takes the name as taken (it does not create a second key)
+    p.prepare_key("retired").unwrap();
+    refused(p.wrap("retired", &key));
+
+    // Revoked as compromised.
+    revoke(&compromised, "KEY_COMPROMISE");
+    let m = refused(p.unwrap(&compromised));
+    assert!(m.contains("\"compromised\"") && m.contains("Permission Denied"), "{m}");
+
+    // Destroyed: the object is gone.
+    pykmip_client(&server, "    client.destroy(sys.argv[5])\n", &[retired.kms_key_version.as_deref().unwrap()]);
+    let m = refused(p.unwrap(&retired));
+    assert!(m.contains("\"retired\"") && m.contains("Item Not Found"), "{m}");
+    let m = refused(p.wrap("retired", &key));
+    assert!(m.contains("no symmetric key named \"retired\""), "{m}");
+    let m = refused(p.unwrap(&WrappedKey { kms_key_version: None, ..retired.clone() }));
+    assert!(m.contains("no symmetric key named \"retired\""), "{m}");
+
+    // No Get was ever sent by the provider (the PyKMIP client only revoked and destroyed).
+    let ops = logged_operations(&server);
+    assert!(!ops.iter().any(|op| op == "Get"), "{ops:?}");
+}
+
+#[test]
+fn a_stopped_server_is_a_provider_error_not_a_refusal() {
+    let Some(mut server) = Server::start() else { return };
+    let p = server.provider();
+    p.prepare_key("k").unwrap();
+    let wrapped = p.wrap("k", &random_key(32)).unwrap();
+    kill_server(&mut server.child);
+    for m in
+        [provider_error(p.unwrap(&wrapped)), provider_error(p.wrap("k", &[1; 32])), provider_error(p.prepare_key("k"))]
+    {
+        assert!(m.contains(&format!("127.0.0.1:{}", server.port)), "{m}");
+        assert!(m.to_lowercase().contains("connection refused"), "{m}");
+    }
+    provider_error(KeyWrapper::check(&p));
+}
+
+#[test]
+fn wrapping_with_an_untrusted_client_certificate_is_a_provider_error() {
+    let Some(server) = Server::start() else { return };
+    server.provider().prepare_key("k").unwrap();
+    let wrapped = server.provider().wrap("k", &[7; 32]).unwrap();
+    let rogue = KmipProvider::new(server.options("rogue", "ca"));
+    for m in [provider_error(rogue.unwrap(&wrapped)), provider_error(rogue.wrap("k", &[7; 32]))] {
+        assert!(m.contains("TLS") || m.to_lowercase().contains("certificate"), "{m}");
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tde_core::keymap;
-use tde_core::providers_catalog::{open_provider, ProviderCatalog};
+use tde_core::providers_catalog::{open_provider_in, ProviderCatalog};
 use tde_core::wal::{self, WalCipher, HEADER_PREFIX};
 use tde_core::walkeys::{self, KeyRanges, WalKey, Wrapping};
 
@@ -31,7 +31,7 @@ pub fn wal_wrapping(datadir: &Path) -> Result<Wrapping, String> {
     let rec = catalog
         .by_id(header.principal.provider_id)
         .ok_or_else(|| format!("key provider {} of the server key does not exist", header.principal.provider_id))?;
-    let provider = open_provider(rec).map_err(|e| e.to_string())?;
+    let provider = open_provider_in(rec, &tde).map_err(|e| e.to_string())?;
     let key = provider.get_key(&header.principal.name).map_err(|e| e.to_string())?.ok_or_else(|| {
         format!("server key \"{}\" not found in key provider \"{}\"", header.principal.name, rec.name)
     })?;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tde_core::keymap;
-use tde_core::providers_catalog::{open_provider, ProviderCatalog};
+use tde_core::providers_catalog::{open_provider_in, ProviderCatalog};
 use tde_core::PageCipher;
 
 /// PostgreSQL's page size (pg_tde supports only 8 KiB pages).
@@ -324,7 +324,7 @@ impl RelationKeys {
             let rec = catalog.by_id(p.provider_id).ok_or_else(|| {
                 format!("key provider {} of database {db}'s principal key does not exist", p.provider_id)
             })?;
-            let provider = open_provider(rec).map_err(|e| e.to_string())?;
+            let provider = open_provider_in(rec, &tde).map_err(|e| e.to_string())?;
             let principal = provider
                 .get_key(&p.name)
                 .map_err(|e| e.to_string())?

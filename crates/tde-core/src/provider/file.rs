@@ -181,7 +181,7 @@ impl KeyProvider for FileKeyring {
         let key = hex_decode(&stored.key_hex)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| self.corrupt(format_args!("key \"{name}\" is not valid hex")))?;
-        Ok(Some(PrincipalKey { name: name.to_string(), key }))
+        Ok(Some(PrincipalKey { name: name.to_string(), key, envelope: None }))
     }
 
     fn create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
@@ -202,7 +202,7 @@ impl KeyProvider for FileKeyring {
         crate::rng::fill(&mut key)?;
         file.keys.push(StoredKey { name: name.to_string(), key_hex: hex_encode(&key), created: now_unix_secs() });
         self.save(&file)?;
-        Ok(PrincipalKey { name: name.to_string(), key })
+        Ok(PrincipalKey { name: name.to_string(), key, envelope: None })
     }
 
     fn check(&self) -> Result<()> {

@@ -11,6 +11,10 @@
 //!   `Activate`d, then read back with `Get` and compared;
 //! - [`KeyProvider::check`]: connect and run a `Locate`.
 //!
+//! The provider is also a [`KeyWrapper`](super::wrapping::KeyWrapper) (module
+//! `kmip_wrap`): the server encrypts pg_tde's envelope keys with AES-GCM (`Encrypt` /
+//! `Decrypt`, KMIP 1.4) under a key it creates non-exportable and never hands out.
+//!
 //! Options (a flat JSON object, Percona-compatible names): `host`, `port`, `certPath`,
 //! `keyPath`, `caPath`; see [`parse_kmip_options`].
 //!
@@ -53,6 +57,9 @@ use zeroize::Zeroizing;
 
 use super::{validate_key_name, KeyProvider, PrincipalKey};
 use crate::error::{Result, TdeError};
+
+#[path = "kmip_wrap.rs"]
+mod kmip_wrap;
 
 /// Timeout of the TCP connection to the KMIP server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -543,7 +550,7 @@ impl KeyProvider for KmipProvider {
         let ids = session.locate(name, Some(ObjectType::SymmetricKey))?;
         match ids.as_slice() {
             [] => Ok(None),
-            [uid] => Ok(Some(PrincipalKey { name: name.to_string(), key: session.get(uid, name)? })),
+            [uid] => Ok(Some(PrincipalKey { name: name.to_string(), key: session.get(uid, name)?, envelope: None })),
             many => Err(self.err(format_args!(
                 "{} symmetric keys are named \"{name}\" (objects {}); cannot tell which one to use",
                 many.len(),
@@ -606,7 +613,7 @@ impl KeyProvider for KmipProvider {
             return Err(self
                 .err(format_args!("registered {what} as object {uid} but the server returns different key material")));
         }
-        Ok(PrincipalKey { name: name.to_string(), key })
+        Ok(PrincipalKey { name: name.to_string(), key, envelope: None })
     }
 
     fn check(&self) -> Result<()> {

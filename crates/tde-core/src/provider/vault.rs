@@ -21,7 +21,7 @@
 //! `$PGDATA`, never in the provider options), is read again each time a provider is
 //! opened, and never appears in an error message or in `Debug` output: the messages
 //! about the token file name only its path, every message carrying server or library
-//! text goes through one function (`VaultV2Provider::error`) that scrubs the token
+//! text goes through one function (`VaultSession::error`) that scrubs the token
 //! text, and the token header is marked sensitive. Redirects are followed only
 //! to the same origin (scheme, host and port), because reqwest would otherwise send the
 //! custom `X-Vault-Token` header to whatever server a redirect names. Proxies from the
@@ -124,7 +124,7 @@ fn parse_url(s: &str) -> Result<String> {
 
 /// Check a Vault path made of `/`-separated segments: none may be empty, `.` or `..`
 /// (Vault would collapse them, so two different names would reach one secret).
-fn check_segments(path: &str) -> bool {
+pub(crate) fn check_segments(path: &str) -> bool {
     !path.is_empty() && path.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
@@ -185,7 +185,7 @@ pub fn parse_vault_options(options: &Value) -> Result<VaultOptions> {
 }
 
 /// Percent-encode each `/`-separated segment of a path.
-fn encode_path(path: &str) -> String {
+pub(crate) fn encode_path(path: &str) -> String {
     path.split('/').map(|seg| utf8_percent_encode(seg, SEGMENT).to_string()).collect::<Vec<_>>().join("/")
 }
 
@@ -276,13 +276,13 @@ fn describe_error_chain(err: &(dyn StdError + 'static)) -> String {
 }
 
 /// The `errors` of a Vault error body, or a printable prefix of a non-JSON body.
-fn server_text(body: &[u8]) -> String {
+pub(crate) fn server_text(body: &[u8]) -> String {
     server_text_of(body, true)
 }
 
 /// The `errors` of a Vault error body only: for the answers to key reads, whose body,
 /// whatever the status, may hold the key.
-fn server_errors_text(body: &[u8]) -> String {
+pub(crate) fn server_errors_text(body: &[u8]) -> String {
     server_text_of(body, false)
 }
 
@@ -384,17 +384,18 @@ struct WriteData<'a> {
     key: &'a str,
 }
 
-/// A KV version 2 secrets engine of HashiCorp Vault or OpenBao holding principal keys.
-pub struct VaultV2Provider {
+/// An authenticated HTTP session with a Vault or OpenBao server: the TLS settings, the
+/// token and the error reporting shared by the KV v2 and Transit providers.
+pub(crate) struct VaultSession {
     opts: VaultOptions,
     client: Client,
     /// Kept only to scrub it from error messages; the client holds its own copy.
     token: Zeroizing<String>,
 }
 
-impl fmt::Debug for VaultV2Provider {
+impl fmt::Debug for VaultSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VaultV2Provider")
+        f.debug_struct("VaultSession")
             .field("url", &self.opts.url)
             .field("mount_path", &self.opts.mount_path)
             .field("namespace", &self.opts.namespace)
@@ -404,10 +405,10 @@ impl fmt::Debug for VaultV2Provider {
     }
 }
 
-impl VaultV2Provider {
+impl VaultSession {
     /// Open a provider: read the token from `tokenPath` and the CA bundle from `caPath`,
     /// and set up the HTTP client. The server is not contacted (see [`KeyProvider::check`]).
-    pub fn new(opts: VaultOptions) -> Result<Self> {
+    pub(crate) fn new(opts: VaultOptions) -> Result<Self> {
         let token = read_token(&opts.token_path)?;
         let mut headers = HeaderMap::new();
         let mut token_header = HeaderValue::from_str(&token).map_err(|_| {
@@ -459,16 +460,26 @@ impl VaultV2Provider {
                 &token,
             ))
         })?;
-        Ok(VaultV2Provider { opts, client, token })
+        Ok(VaultSession { opts, client, token })
     }
 
     /// The options this provider was opened with.
-    pub fn options(&self) -> &VaultOptions {
+    pub(crate) fn options(&self) -> &VaultOptions {
         &self.opts
     }
 
+    /// A GET request with the session's token and namespace.
+    pub(crate) fn client_get(&self, url: &str) -> RequestBuilder {
+        self.client.get(url)
+    }
+
+    /// A POST request with the session's token and namespace.
+    pub(crate) fn client_post(&self, url: &str) -> RequestBuilder {
+        self.client.post(url)
+    }
+
     /// A provider error naming the server, mount and namespace, with the token scrubbed.
-    fn error(&self, msg: impl fmt::Display) -> TdeError {
+    pub(crate) fn error(&self, msg: impl fmt::Display) -> TdeError {
         let ns = self.opts.namespace.as_ref().map(|n| format!(", namespace \"{n}\"")).unwrap_or_default();
         let text = format!("Vault server \"{}\", mount \"{}\"{ns}: {msg}", self.opts.url, self.opts.mount_path);
         TdeError::Provider(scrub(&text, &self.token))
@@ -479,7 +490,7 @@ impl VaultV2Provider {
     }
 
     /// Send a request and read its status and (bounded) body.
-    fn send(&self, request: RequestBuilder, url: &str) -> Result<(StatusCode, Zeroizing<Vec<u8>>)> {
+    pub(crate) fn send(&self, request: RequestBuilder, url: &str) -> Result<(StatusCode, Zeroizing<Vec<u8>>)> {
         let response = request
             .send()
             .map_err(|e| self.error(format_args!("request to \"{url}\" failed: {}", describe_reqwest_error(&e))))?;
@@ -501,7 +512,7 @@ impl VaultV2Provider {
 
     /// The error for an unexpected HTTP status.
     /// `server`: what the server said ([`server_text`] or [`server_errors_text`] of the body).
-    fn status_error(&self, url: &str, status: StatusCode, server: &str) -> TdeError {
+    pub(crate) fn status_error(&self, url: &str, status: StatusCode, server: &str) -> TdeError {
         let hint = match status {
             StatusCode::FORBIDDEN => {
                 ": permission denied (the token is invalid or expired, or its policy does not allow this path)"
@@ -539,7 +550,7 @@ impl VaultV2Provider {
 
 /// Why a KV v2 read gave no key.
 enum ReadError {
-    /// An HTTP status that means an error (reported with [`VaultV2Provider::status_error`]).
+    /// An HTTP status that means an error (reported with [`VaultSession::status_error`]).
     Status,
     /// A response that is not what a KV v2 secret of pg_tde looks like.
     Message(String),
@@ -605,19 +616,19 @@ fn validate_vault_key_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-impl KeyProvider for VaultV2Provider {
-    fn get_key(&self, name: &str) -> Result<Option<PrincipalKey>> {
+impl VaultSession {
+    fn kv_get_key(&self, name: &str) -> Result<Option<PrincipalKey>> {
         validate_vault_key_name(name)?;
         let url = self.data_url(name);
         let (status, body) = self.send(self.client.get(&url), &url)?;
         match interpret_read(name, &url, status, &body) {
-            Ok(key) => Ok(key.map(|key| PrincipalKey { name: name.to_string(), key })),
+            Ok(key) => Ok(key.map(|key| PrincipalKey { name: name.to_string(), key, envelope: None })),
             Err(ReadError::Status) => Err(self.status_error(&url, status, &server_errors_text(&body))),
             Err(ReadError::Message(m)) => Err(self.error(m)),
         }
     }
 
-    fn create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
+    fn kv_create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
         validate_vault_key_name(name)?;
         if len != 16 && len != 32 {
             return Err(invalid(format!("principal keys are 16 or 32 bytes, not {len}")));
@@ -635,7 +646,7 @@ impl KeyProvider for VaultV2Provider {
         let post = self.client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json");
         let (status, body) = self.send(post.body(json.to_vec()), &url)?;
         match status {
-            StatusCode::OK | StatusCode::NO_CONTENT => Ok(PrincipalKey { name: name.to_string(), key }),
+            StatusCode::OK | StatusCode::NO_CONTENT => Ok(PrincipalKey { name: name.to_string(), key, envelope: None }),
             StatusCode::BAD_REQUEST if server_text(&body).contains("check-and-set") => {
                 Err(invalid(format!("key \"{name}\" already exists in the provider")))
             }
@@ -643,7 +654,7 @@ impl KeyProvider for VaultV2Provider {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    fn kv_check(&self) -> Result<()> {
         let url = format!("{}/v1/sys/mounts/{}", self.opts.url, encode_path(&self.opts.mount_path));
         let (status, body) = self.send(self.client.get(&url), &url)?;
         // Vault answers 400 "No secret engine mount at ..."; other servers may say 404.
@@ -677,6 +688,39 @@ impl KeyProvider for VaultV2Provider {
                 "unexpected response from \"{url}\": no mount \"type\" (is this a Vault or OpenBao server?)"
             ))),
         }
+    }
+}
+
+/// A KV version 2 secrets engine of HashiCorp Vault or OpenBao holding principal keys.
+#[derive(Debug)]
+pub struct VaultV2Provider {
+    session: VaultSession,
+}
+
+impl VaultV2Provider {
+    /// Open a provider: read the token from `tokenPath` and the CA bundle from `caPath`,
+    /// and set up the HTTP client. The server is not contacted (see [`KeyProvider::check`]).
+    pub fn new(opts: VaultOptions) -> Result<Self> {
+        Ok(VaultV2Provider { session: VaultSession::new(opts)? })
+    }
+
+    /// The options this provider was opened with.
+    pub fn options(&self) -> &VaultOptions {
+        self.session.options()
+    }
+}
+
+impl KeyProvider for VaultV2Provider {
+    fn get_key(&self, name: &str) -> Result<Option<PrincipalKey>> {
+        self.session.kv_get_key(name)
+    }
+
+    fn create_key(&self, name: &str, len: usize) -> Result<PrincipalKey> {
+        self.session.kv_create_key(name, len)
+    }
+
+    fn check(&self) -> Result<()> {
+        self.session.kv_check()
     }
 }
 

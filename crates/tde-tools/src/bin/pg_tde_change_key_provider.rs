@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use tde_core::keymap::{self, KeyMapHeader};
-use tde_core::providers_catalog::{open_provider, validate_options, ProviderCatalog, ProviderRecord, GLOBAL_DB_OID};
+use tde_core::providers_catalog::{open_provider_in, validate_options, ProviderCatalog, ProviderRecord, GLOBAL_DB_OID};
 use tde_core::ProviderKind;
 
 const USAGE: &str = "usage:
@@ -139,7 +139,7 @@ fn run(args: Args) -> Result<(), String> {
             options: args.options.clone(),
             db_oid: args.db_oid,
         };
-        let provider = open_provider(&probe).map_err(|e| e.to_string())?;
+        let provider = open_provider_in(&probe, &tde_dir).map_err(|e| e.to_string())?;
         for (path, header) in headers_using(&tde_dir, id)? {
             let key = provider.get_key(&header.principal.name).map_err(|e| e.to_string())?.ok_or_else(|| {
                 format!(
