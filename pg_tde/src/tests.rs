@@ -56,6 +56,26 @@ mod tests {
     }
 
     #[pg_test]
+    fn key_events_are_audited_and_checked() {
+        setup_key("p_audit", "k_audit");
+        let events = Spi::get_one::<String>(
+            "SELECT string_agg(event || ':' || outcome, ',' ORDER BY seq) FROM pg_tde_audit_events() \
+             WHERE provider_name = 'p_audit'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(events, "provider_added:success,key_created:success,key_set:success");
+        let state = Spi::get_one::<String>("SELECT state FROM pg_tde_check_keys() WHERE key_name = 'k_audit'")
+            .unwrap()
+            .unwrap();
+        assert_eq!(state, "ok");
+        let info = Spi::get_one::<String>("SELECT key_state || '/' || (kms_key_id IS NULL) FROM pg_tde_key_info()")
+            .unwrap()
+            .unwrap();
+        assert_eq!(info, "ok/true", "a storing provider has no KMS key id");
+    }
+
+    #[pg_test]
     fn key_info_names_key_and_provider() {
         setup_key("p_info", "k_info");
         let name = Spi::get_one::<String>("SELECT key_name FROM pg_tde_key_info()").unwrap().unwrap();
