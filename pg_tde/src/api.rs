@@ -578,7 +578,15 @@ fn create_key(key_name: Option<&str>, provider_name: Option<&str>, global: bool)
     match envelope {
         Some(envelope) => {
             let detail = format!("envelope key wrapped by {}", keys::kms_key_text(Some(&envelope)));
-            keys::store_envelope(envelope).or_raise();
+            if let Err(e) = keys::store_envelope(envelope, false) {
+                crate::audit::record(event.failed(&e));
+                match e {
+                    tde_core::TdeError::Invalid(m) if m.contains("already exists") => {
+                        raise_with(PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT, &m, None)
+                    }
+                    other => raise(other),
+                }
+            }
             crate::audit::record(
                 AuditEvent::new("kms_wrap").provider(rec.id, &rec.name).key(key_name).detail(detail.clone()),
             );

@@ -15,6 +15,8 @@ pub enum CipherSetting {
     Aes128Xts,
     #[name = c"aes_256_xts"]
     Aes256Xts,
+    #[name = c"sm4_xts"]
+    Sm4Xts,
 }
 
 pub static CIPHER: GucSetting<CipherSetting> = GucSetting::<CipherSetting>::new(CipherSetting::Aes128Xts);
@@ -60,6 +62,7 @@ pub fn cipher() -> Cipher {
         CipherSetting::Aes256 => Cipher::Aes256Cbc,
         CipherSetting::Aes128Xts => Cipher::Aes128Xts,
         CipherSetting::Aes256Xts => Cipher::Aes256Xts,
+        CipherSetting::Sm4Xts => Cipher::Sm4Xts,
     }
 }
 
@@ -67,7 +70,8 @@ pub fn init() {
     GucRegistry::define_enum_guc(
         c"pg_tde.cipher",
         c"Cipher of new relation keys.",
-        c"aes_128_xts and aes_256_xts are XTS (IEEE 1619); aes_128 and aes_256 are CBC as in Percona pg_tde. \
+        c"aes_128_xts and aes_256_xts are XTS (IEEE 1619); aes_128 and aes_256 are CBC as in Percona pg_tde; \
+          sm4_xts is XTS over SM4 (GB/T 32907). \
           Also decides the length of principal keys created by pg_tde.",
         &CIPHER,
         GucContext::Suset,
@@ -123,7 +127,7 @@ pub fn init() {
         c"Write every key event to the server log as one structured line.",
         c"Key events are also kept in memory and shown by the pg_tde_audit_log view.",
         &AUDIT,
-        GucContext::Suset,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(

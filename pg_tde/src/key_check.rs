@@ -22,7 +22,8 @@
 //! The states live in shared memory and show in `pg_tde_key_state()` and the
 //! `key_state` column of the `pg_tde_*key_info()` functions. The server key is
 //! checked and reported the same way, but its cached copy is kept: WAL writes need it
-//! inside critical sections.
+//! inside critical sections. Instead, while it is revoked and the WAL is encrypted,
+//! transactions that wrote are refused at commit.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
-use pgrx::{pg_shmem_init, PgAtomic};
+use pgrx::{pg_shmem_init, PgAtomic, PgTryBuilder};
 use tde_core::keymap::{KeyMapHeader, PrincipalRef};
 use tde_core::TdeError;
 
@@ -118,9 +119,51 @@ static KEY_STATES: PgLwLock<KeyStates> = unsafe { PgLwLock::new(c"pg_tde_key_sta
 /// this while no key is.
 static REVOKED_KEYS: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_tde_revoked_keys") };
 
+/// 1 while the server key is revoked: committing a transaction that wrote is
+/// refused while the WAL is encrypted (see [`refuse_writes_without_server_key`]).
+static SERVER_KEY_REVOKED: PgAtomic<AtomicU32> = unsafe { PgAtomic::new(c"pg_tde_server_key_revoked") };
+
 pub fn init_shmem() {
     pg_shmem_init!(KEY_STATES);
     pg_shmem_init!(REVOKED_KEYS);
+    pg_shmem_init!(SERVER_KEY_REVOKED);
+}
+
+/// Register the commit check (in `_PG_init`, for every process).
+pub fn init() {
+    // SAFETY: registers a callback with a static lifetime and no argument.
+    unsafe { pg_sys::RegisterXactCallback(Some(refuse_writes_without_server_key), std::ptr::null_mut()) };
+}
+
+/// While the server key is revoked and the WAL is encrypted, a transaction that
+/// wrote anything may not commit: the server key wraps the WAL keys, and the KMS
+/// said it may no longer be used.  The refusal comes before the commit record (an
+/// ERROR at pre-commit aborts the transaction cleanly); the WAL keys in memory keep
+/// serving the abort records, vacuum and checkpoints, so nothing runs into a
+/// missing key inside a critical section.
+#[pg_guard]
+unsafe extern "C-unwind" fn refuse_writes_without_server_key(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    let pre_commit = matches!(
+        event,
+        pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_PARALLEL_PRE_COMMIT
+            | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE
+    );
+    if !pre_commit || SERVER_KEY_REVOKED.get().load(Ordering::Acquire) == 0 || !crate::wal::WAL_ENCRYPT.get() {
+        return;
+    }
+    // SAFETY: reads the current transaction's state.
+    let wrote = unsafe { pg_sys::GetTopTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    if wrote {
+        crate::errors::raise_with(
+            pgrx::PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+            "the server key is revoked: transactions that write cannot commit while the WAL is encrypted",
+            Some("Writes resume when the key check (pg_tde_check_keys()) finds the server key usable again."),
+        );
+    }
 }
 
 impl StateSlot {
@@ -148,6 +191,9 @@ pub fn state_of(r: &PrincipalRef) -> Option<(KeyState, i64, i64, String)> {
 /// Why a principal key may not be used at all (for a page read or write), if it is
 /// revoked and the dirty pages it encrypts have been written.
 pub fn refusal(r: &PrincipalRef) -> Option<TdeError> {
+    if exempt_process() {
+        return None;
+    }
     refusal_of(r, true)
 }
 
@@ -260,6 +306,7 @@ pub fn check_all() -> Vec<(String, KeyState, String)> {
         }
     };
     let mut results = Vec::new();
+    let results_keys: Vec<PrincipalRef> = in_use.iter().map(|(h, _)| h.principal.clone()).collect();
     for (header, users) in in_use {
         let r = &header.principal;
         let outcome = keys::check_principal_with_provider(&header);
@@ -282,35 +329,62 @@ pub fn check_all() -> Vec<(String, KeyState, String)> {
         };
         let enforced = !users.contains(&keys::SERVER_KEY_DB);
         let (before, _) = set_state(r, state, enforced, &message);
+        if !enforced {
+            SERVER_KEY_REVOKED.get().store(u32::from(state == KeyState::Revoked), Ordering::Release);
+        }
         let event = |name: &'static str| AuditEvent::new(name).provider_id(r.provider_id).key(&r.name).target(users[0]);
         match (before, state) {
             (KeyState::Revoked, KeyState::Revoked) | (KeyState::Ok, KeyState::Ok) => {}
             (_, KeyState::Ok) => audit::record(event("key_recovered").detail(format!("was {}", before.name()))),
             (_, KeyState::Unreachable) => audit::record(event("key_unreachable").failed(&message)),
-            (_, KeyState::Revoked) => {
-                audit::record(event("key_revoked").failed(&message));
-                if enforced {
-                    drop_revoked_key(r);
-                }
-            }
+            (_, KeyState::Revoked) => audit::record(event("key_revoked").failed(&message)),
+        }
+        // Every round until it has succeeded once: a failed or interrupted checkpoint
+        // leaves the key revoked but not yet drained.
+        if state == KeyState::Revoked && enforced && !is_drained(r) {
+            drop_revoked_key(r);
         }
         results.push((r.name.clone(), state, message));
     }
+    forget_states_except(&results_keys);
     results
 }
 
 /// After a key was marked revoked (new access is already refused): write the dirty
 /// pages with the keys still cached, then zero the cached key and make every process
 /// drop the relation keys it opened with it. Not for the server key (see `enforced`).
+///
+/// On a standby nothing is zeroed: the startup process must go on replaying (it may
+/// need the key for any page), so only SQL access is refused there.
 fn drop_revoked_key(r: &PrincipalRef) {
-    // SAFETY: asks the checkpointer for an immediate checkpoint (a restartpoint on a
-    // standby) and waits for it; an ERROR (the checkpoint failed) is caught by the guard.
-    unsafe {
-        crate::ffi::guarded(|| {
-            crate::ffi::RequestCheckpoint(
-                (pg_sys::CHECKPOINT_IMMEDIATE | pg_sys::CHECKPOINT_FORCE | pg_sys::CHECKPOINT_WAIT) as i32,
-            )
-        });
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    let checkpointed = PgTryBuilder::new(|| {
+        // SAFETY: asks the checkpointer for an immediate checkpoint and waits for it;
+        // an ERROR (the checkpoint failed, the wait was cancelled) is caught here.
+        unsafe {
+            crate::ffi::guarded(|| {
+                crate::ffi::RequestCheckpoint(
+                    (pg_sys::CHECKPOINT_IMMEDIATE | pg_sys::CHECKPOINT_FORCE | pg_sys::CHECKPOINT_WAIT) as i32,
+                )
+            })
+        };
+        true
+    })
+    .catch_others(|e| {
+        let message = match &e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(report)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(report) => report.message().to_string(),
+            _ => "unknown error".to_string(),
+        };
+        pgrx::warning!("pg_tde key check: the checkpoint before dropping revoked key \"{}\" failed ({message}); retried at the next check", r.name);
+        false
+    })
+    .execute();
+    if !checkpointed {
+        return;
     }
     {
         let mut states = KEY_STATES.exclusive();
@@ -320,6 +394,37 @@ fn drop_revoked_key(r: &PrincipalRef) {
     }
     keys::forget_principal_now(r);
     keys::invalidate_local_keys();
+}
+
+fn is_drained(r: &PrincipalRef) -> bool {
+    KEY_STATES.share().slots.iter().any(|s| s.matches(r) && s.drained)
+}
+
+/// Forget the states of keys no longer in use (a dropped database, a rotated key).
+fn forget_states_except(in_use: &[PrincipalRef]) {
+    let mut states = KEY_STATES.exclusive();
+    for slot in states.slots.iter_mut().filter(|s| s.in_use) {
+        let name = &slot.name[..slot.name_len as usize];
+        if !in_use.iter().any(|r| r.provider_id == slot.provider_id && r.name.as_bytes() == name) {
+            slot.in_use = false;
+            slot.state = KeyState::Ok as u8;
+            slot.drained = false;
+        }
+    }
+    let revoked = states.slots.iter().filter(|s| s.in_use && s.enforced && s.state == KeyState::Revoked as u8).count();
+    REVOKED_KEYS.get().store(revoked as u32, Ordering::Release);
+}
+
+/// Processes that write or replay pages for everyone (startup, checkpointer, background
+/// writer) are never refused a key: a refusal there would stop recovery or keep
+/// failing checkpoints; SQL access is refused in the sessions.
+fn exempt_process() -> bool {
+    // SAFETY: a plain read of a process global.
+    let kind = unsafe { (&raw const pg_sys::MyBackendType).read() };
+    matches!(
+        kind,
+        pg_sys::BackendType::B_STARTUP | pg_sys::BackendType::B_CHECKPOINTER | pg_sys::BackendType::B_BG_WRITER
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -340,7 +445,9 @@ pub fn register_worker() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tde_key_checker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let mut last_round: Option<Instant> = None;
+    // The first round one interval after the start: the keys were just fetched
+    // (or are about to be), and a restart must not send a burst to every KMS.
+    let mut last_round = Instant::now();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloads the configuration file, as every process does on SIGHUP.
@@ -350,10 +457,10 @@ pub extern "C-unwind" fn pg_tde_key_checker_main(_arg: pg_sys::Datum) {
         if interval <= 0 {
             continue;
         }
-        if last_round.is_some_and(|t| t.elapsed() < Duration::from_secs(interval as u64)) {
+        if last_round.elapsed() < Duration::from_secs(interval as u64) {
             continue;
         }
-        last_round = Some(Instant::now());
+        last_round = Instant::now();
         check_all();
     }
 }

@@ -288,8 +288,15 @@ pub fn check_principal_with_provider(header: &KeyMapHeader) -> Result<()> {
         .by_id(r.provider_id)
         .ok_or_else(|| TdeError::Refused(format!("key provider with id {} does not exist", r.provider_id)))?;
     if !rec.kind.wraps() {
-        let key = fetch_principal_from_provider(r)?;
-        return header.verify_principal(&key).map_err(|_| {
+        let provider = open_provider(rec)?;
+        let name = r.name.clone();
+        let Some(key) = crate::provider_call::cancellable(move || provider.get_key(&name))? else {
+            return Err(TdeError::Refused(format!(
+                "principal key \"{}\" no longer exists in key provider \"{}\"",
+                r.name, rec.name
+            )));
+        };
+        return header.verify_principal(&key.key).map_err(|_| {
             TdeError::Refused(format!(
                 "key provider \"{}\" returns another key under the name \"{}\" than the one in use",
                 rec.name, r.name
@@ -306,19 +313,29 @@ pub fn check_principal_with_provider(header: &KeyMapHeader) -> Result<()> {
     let wrapped = envelope.wrapped_key();
     // SAFETY: reads shared recovery state.
     let primary = unsafe { !pg_sys::RecoveryInProgress() };
-    let rewrapped = crate::provider_call::cancellable(move || {
-        wrapper.verify(&wrapped)?;
-        if primary {
-            wrapper.rewrap(&wrapped)
-        } else {
-            Ok(None)
-        }
+    // The verdict is the verification's alone: a re-wrap that fails (a token allowed
+    // to decrypt but not to re-wrap) is reported, and the key stays as it is.
+    let (verified, rewrapped) = crate::provider_call::cancellable(move || {
+        let verified = wrapper.verify(&wrapped);
+        let rewrapped = match (&verified, primary) {
+            (Ok(()), true) => wrapper.rewrap(&wrapped),
+            _ => Ok(None),
+        };
+        Ok((verified, rewrapped))
     })?;
-    if let Some(new) = rewrapped {
-        let new = envelope.rewrapped(new);
-        let detail = format!("{} -> {}", kms_key_text(Some(&envelope)), kms_key_text(Some(&new)));
-        store_envelope(new)?;
-        crate::audit::record(AuditEvent::new("kms_rewrap").provider(rec.id, &rec.name).key(&r.name).detail(detail));
+    verified?;
+    let event = AuditEvent::new("kms_rewrap").provider(rec.id, &rec.name).key(&r.name);
+    match rewrapped {
+        Ok(None) => {}
+        Ok(Some(new)) => {
+            let new = envelope.rewrapped(new);
+            let detail = format!("{} -> {}", kms_key_text(Some(&envelope)), kms_key_text(Some(&new)));
+            match store_envelope(new, true) {
+                Ok(()) => crate::audit::record(event.detail(detail)),
+                Err(e) => crate::audit::record(event.failed(e)),
+            }
+        }
+        Err(e) => crate::audit::record(event.failed(e)),
     }
     Ok(())
 }
@@ -918,14 +935,20 @@ pub fn redo_envelopes(bytes: &[u8]) -> Result<()> {
     with_key_files_lock(|| store.save_atomic(&envelopes_path()))
 }
 
-/// Store an envelope (new, or re-wrapped): the whole store is WAL-logged and then
-/// atomically replaces the file, under the key-file lock.
-pub fn store_envelope(envelope: Envelope) -> Result<()> {
+/// Store an envelope: a new one (`replace` false: refused if the key exists, as two
+/// sessions may create the same key at once), or a re-wrapped one.  The whole store is
+/// checked, WAL-logged and then atomically replaces the file, under the key-file lock.
+pub fn store_envelope(envelope: Envelope, replace: bool) -> Result<()> {
     ensure_key_dir()?;
     with_key_files_lock(|| {
         let mut store = EnvelopeStore::load(&envelopes_path())?;
+        if !replace && store.find(envelope.provider_id, &envelope.name).is_some() {
+            return Err(TdeError::Invalid(format!("key \"{}\" already exists in the provider", envelope.name)));
+        }
         store.put(envelope);
         let bytes = store.to_bytes()?;
+        // What is logged must read back, here and in every standby's redo.
+        EnvelopeStore::from_bytes(&bytes)?;
         rmgr::log_envelopes(&bytes);
         store.save_atomic(&envelopes_path())
     })

@@ -74,6 +74,7 @@ pub extern "C-unwind" fn _PG_init() {
     audit::init_shmem();
     key_check::init_shmem();
     key_check::register_worker();
+    key_check::init();
     am::init();
     smgr::init();
     #[cfg(feature = "pg18")]

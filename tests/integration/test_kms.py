@@ -273,6 +273,41 @@ def test_transit_unreachable_warns_and_grace_revokes(cluster, uniq):
         assert "revoked" in c.sql_error("SELECT count(*) FROM t").message
 
 
+def test_revoked_server_key_stops_writes_with_encrypted_wal(cluster, bao, uniq):
+    """The server key on Transit with pg_tde.wal_encrypt = on: once the KMS refuses
+    it, transactions that write cannot commit (refused before their commit record,
+    no PANIC, the server keeps running and reading); they commit again when the
+    key returns, without a restart."""
+    c = cluster
+    c.sql("CREATE EXTENSION pg_tde")
+    policy = f"srv-{uniq}"
+    token = least_privilege_token(bao, policy)
+    add_transit(c, bao, token)
+    create_and_set(c, f"db-{uniq}", "transit")
+    c.sql(f"SELECT pg_tde_create_key_using_global_key_provider({q('srv-' + uniq)}, 'transit')")
+    c.sql(f"SELECT pg_tde_set_server_key_using_global_key_provider({q('srv-' + uniq)}, 'transit')")
+    c.configure("pg_tde.wal_encrypt = on")
+    c.restart()
+    before = fill(c, "t", f"SRVKEY{uniq}")
+
+    bao.ok("PUT", f"sys/policies/acl/{policy}", {"policy": transit_policy(decrypt=False)})
+    states = c.sql("SELECT string_agg(target || '=' || state, ',' ORDER BY target) FROM pg_tde_key_state()")
+    assert c.sql("SELECT count(*) FROM pg_tde_check_keys() WHERE state = 'revoked'") == "2", states
+    e = c.sql_error("INSERT INTO t VALUES (0, 'x')")
+    assert e.sqlstate == EXTERNAL and "revoked" in e.message, e.output
+    e = c.sql_error("CREATE TABLE plain_t (a int) USING heap")
+    assert "server key is revoked" in e.message, e.output
+    assert c.sql("SELECT 1") == "1", "read-only work goes on"
+    assert c.sql("SELECT pg_is_in_recovery()") == "f"
+
+    bao.ok("PUT", f"sys/policies/acl/{policy}", {"policy": transit_policy()})
+    assert c.sql("SELECT count(*) FROM pg_tde_check_keys() WHERE state = 'ok'") == "2"
+    c.sql("CREATE TABLE plain_t (a int) USING heap; INSERT INTO t VALUES (0, 'x')")
+    assert digest(c, "t") != before
+    c.restart()
+    assert c.sql("SELECT count(*) FROM t") == "501"
+
+
 def test_deleted_transit_key_is_revoked(cluster, bao, uniq):
     """Deleting the Transit key (the KMS says it does not exist) revokes the key."""
     c = cluster

@@ -243,6 +243,8 @@ impl CommandWrapper {
                 Err(e) => return Err(self.error(format_args!("waiting for it failed: {e}"))),
             }
         };
+        // Whatever the adapter left running (and holding the pipes) goes with it.
+        kill_group(&mut child);
         let stderr = err.join().unwrap_or_default();
         let stdout = match out.join() {
             Ok(Ok(SecretRead::Complete(buf))) => buf.into_inner(),
@@ -261,7 +263,8 @@ impl CommandWrapper {
 
 /// Kill the adapter and whatever it started (its process group), then reap it.
 fn kill_group(child: &mut Child) {
-    let _ = Command::new("kill")
+    let kill = ["/bin/kill", "/usr/bin/kill"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap_or("kill");
+    let _ = Command::new(kill)
         .args(["-KILL", "--", &format!("-{}", child.id())])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -389,6 +392,15 @@ mod tests {
         assert_eq!(BASE64.decode(request["data"].as_str().unwrap()).unwrap(), b"plaintext-key-bytes");
         let encoded = BASE64.encode(b"plaintext-key-bytes");
         assert_eq!(seen.matches(&encoded).count(), 1, "the key only in the request: {seen}");
+    }
+
+    #[test]
+    fn a_grandchild_holding_the_pipes_does_not_hold_up_the_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = adapter(dir.path(), r#"cat >/dev/null; sleep 30 & echo '{"status": "ok"}'; exit 0"#);
+        let started = Instant::now();
+        a.verify(&WrappedKey { kms_key_id: "k".into(), kms_key_version: None, blob: vec![1] }).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 
     #[test]
