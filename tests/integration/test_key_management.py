@@ -22,7 +22,7 @@ KEYS_HEADER = 512
 ENTRY = 256
 RECOVERY_TIMEOUT = 60
 
-CIPHER_IDS = {"aes_128": 1, "aes_256": 2, "aes_128_xts": 3, "aes_256_xts": 4}
+CIPHER_IDS = {"aes_128": 1, "aes_256": 2, "aes_128_xts": 3, "aes_256_xts": 4, "sm4_xts": 5}
 
 
 # ---------------------------------------------------------------------------
@@ -788,9 +788,9 @@ def test_cipher_per_table(tde):
     tde.sql("CREATE ROLE plainuser LOGIN")
     e = tde.sql_error("SET ROLE plainuser; SET pg_tde.cipher = 'aes_128'")
     assert e.sqlstate == "42501", e.output
-    # the four ciphers' files differ from each other's for the same content
+    # the five ciphers' files differ from each other's for the same content
     pages = {tde.relation_files(f"c_{n}")[0].read_bytes()[:8192] for n in CIPHER_IDS}
-    assert len(pages) == 4
+    assert len(pages) == len(CIPHER_IDS)
     tde.restart()
     for t, d in expected.items():
         assert digest(tde, t) == d, t
