@@ -55,10 +55,19 @@ const IN_LOCAL_MAP: u8 = 1;
 struct IoKeySlot {
     /// Set when the read is started, cleared when it completes.
     armed: bool,
+    /// Raw fork number of the read.
     fork: u32,
+    /// The file's key (its old key while re-keying); `key_len` 0: plaintext.
     cipher: u32,
     key_len: u32,
     key: [u8; MAX_KEY_BYTES],
+    /// While the file is re-keyed: the frontier's slot (else -1) and the new key
+    /// (`new_key_len` 0: plaintext), chosen per block at completion.
+    rekey_slot: i32,
+    rekey_file: [u32; 3],
+    new_cipher: u32,
+    new_key_len: u32,
+    new_key: [u8; MAX_KEY_BYTES],
 }
 
 /// One [`IoKeySlot`] per AIO handle, indexed by `pgaio_io_get_id()`.
@@ -70,7 +79,8 @@ struct IoKeySlots {
 /// The key of one in-flight read of a temporary relation: the backend's own
 /// expanded cipher, shared, not copied.
 struct LocalIoKey {
-    fork: u32,
+    /// Raw fork number of the read.
+    fork: pg_sys::ForkNumber::Type,
     key: Arc<FileKey>,
 }
 
@@ -205,8 +215,7 @@ pub unsafe extern "C-unwind" fn tde_startreadv(
     // SAFETY: reln is valid (see above); ioh is the handle being defined.
     let temp = crate::smgr::is_temp(unsafe { &(*reln).smgr_rlocator });
     let id = unsafe { aio::pgaio_io_get_id(ioh) };
-    let fork = crate::smgr::tweak_fork(forknum);
-    let cb_data = if temp { arm_local(id, fork, &file_key) } else { arm_shared(id, fork, &file_key) };
+    let cb_data = if temp { arm_local(id, forknum, &file_key) } else { arm_shared(id, forknum, &file_key) };
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: ioh is the handle being defined, not yet started; the other
         // arguments are passed through unchanged.  Registered before md.c
@@ -232,21 +241,37 @@ pub unsafe extern "C-unwind" fn tde_startreadv(
     }
 }
 
-fn arm_shared(id: i32, fork: u32, file_key: &FileKey) -> u8 {
+fn arm_shared(id: i32, fork: pg_sys::ForkNumber::Type, file_key: &FileKey) -> u8 {
     // SAFETY: we are defining the IO of handle id.
     let Some(slot) = (unsafe { slot(id) }) else {
         error!("pg_tde: AIO handle {id} has no key slot");
     };
-    let bytes = file_key.key_bytes();
-    slot.fork = fork;
-    slot.cipher = file_key.cipher().as_u32();
-    slot.key_len = bytes.len() as u32;
-    slot.key[..bytes.len()].copy_from_slice(bytes);
+    let put = |part: Option<&crate::keys::KeyPart>, cipher: &mut u32, len: &mut u32, key: &mut [u8; MAX_KEY_BYTES]| {
+        match part {
+            Some(p) => {
+                let bytes = p.key_bytes();
+                *cipher = p.page_cipher().cipher().as_u32();
+                *len = bytes.len() as u32;
+                key[..bytes.len()].copy_from_slice(bytes);
+            }
+            None => *len = 0,
+        }
+    };
+    slot.fork = fork as u32;
+    put(file_key.old_part(), &mut slot.cipher, &mut slot.key_len, &mut slot.key);
+    match file_key.rekey_parts() {
+        Some((frontier, id, new)) => {
+            slot.rekey_slot = frontier as i32;
+            slot.rekey_file = [id.spc, id.db, id.rel];
+            put(new, &mut slot.new_cipher, &mut slot.new_key_len, &mut slot.new_key);
+        }
+        None => slot.rekey_slot = -1,
+    }
     slot.armed = true;
     IN_SHARED_SLOT
 }
 
-fn arm_local(id: i32, fork: u32, file_key: &Arc<FileKey>) -> u8 {
+fn arm_local(id: i32, fork: pg_sys::ForkNumber::Type, file_key: &Arc<FileKey>) -> u8 {
     // Allocation happens here, in normal context; completion only removes.
     LOCAL_READS.with(|m| m.borrow_mut().insert(id, LocalIoKey { fork, key: Arc::clone(file_key) }));
     IN_LOCAL_MAP
@@ -282,18 +307,18 @@ struct ExpandedKeys {
 }
 
 impl ExpandedKeys {
-    /// The expanded cipher of a slot's key, expanding it into the cache on a miss.
-    fn get(&mut self, slot: &IoKeySlot) -> Option<&PageCipher> {
-        let len = (slot.key_len as usize).min(MAX_KEY_BYTES);
-        let bytes = &slot.key[..len];
+    /// Where the expanded cipher of a key is, expanding it into the cache on a miss.
+    fn index(&mut self, cipher_id: u32, bytes: &[u8]) -> Option<usize> {
+        let len = bytes.len().min(MAX_KEY_BYTES);
+        let bytes = &bytes[..len];
         let hit = self
             .entries
             .iter()
-            .position(|e| e.as_ref().is_some_and(|e| e.cipher == slot.cipher && &e.key[..e.key_len] == bytes));
+            .position(|e| e.as_ref().is_some_and(|e| e.cipher == cipher_id && &e.key[..e.key_len] == bytes));
         let idx = match hit {
             Some(i) => i,
             None => {
-                let cipher = Cipher::from_u32(slot.cipher)?;
+                let cipher = Cipher::from_u32(cipher_id)?;
                 // from_bytes formats (allocates) an error on a wrong length: check first.
                 if bytes.len() != cipher.key_len() + BASE_IV_LEN {
                     return None;
@@ -306,12 +331,48 @@ impl ExpandedKeys {
                 // Replaces (and so zeroes) the oldest entry; no heap.  The round keys
                 // may pass through the stack on the way (as in any key expansion).
                 self.entries[i] =
-                    Some(ExpandedKey { cipher: slot.cipher, key_len: len, key, page_cipher: PageCipher::new(&relkey) });
+                    Some(ExpandedKey { cipher: cipher_id, key_len: len, key, page_cipher: PageCipher::new(&relkey) });
                 key.zeroize();
                 i
             }
         };
-        self.entries[idx].as_ref().map(|e| &e.page_cipher)
+        Some(idx)
+    }
+
+    fn at(&self, i: usize) -> Option<&PageCipher> {
+        self.entries[i].as_ref().map(|e| &e.page_cipher)
+    }
+}
+
+/// How one part of a slot's keys is decrypted: plaintext, a cached cipher, or
+/// (re-entered, which never happens in practice) one expanded on the stack.
+// Kept on the stack (no allocation in the completion's critical section).
+#[allow(clippy::large_enum_variant)]
+enum PartCipher {
+    Plain,
+    Cached(usize),
+    Own(PageCipher),
+    Missing,
+}
+
+fn resolve<'a>(p: &'a PartCipher, cache: Option<&'a ExpandedKeys>) -> Option<&'a PageCipher> {
+    match p {
+        PartCipher::Cached(i) => cache.and_then(|c| c.at(*i)),
+        PartCipher::Own(c) => Some(c),
+        PartCipher::Plain | PartCipher::Missing => None,
+    }
+}
+
+fn part_cipher(cache: Option<&mut ExpandedKeys>, cipher_id: u32, len: u32, key: &[u8; MAX_KEY_BYTES]) -> PartCipher {
+    if len == 0 {
+        return PartCipher::Plain;
+    }
+    let bytes = &key[..(len as usize).min(MAX_KEY_BYTES)];
+    match cache {
+        Some(cache) => cache.index(cipher_id, bytes).map_or(PartCipher::Missing, PartCipher::Cached),
+        None => Cipher::from_u32(cipher_id)
+            .and_then(|c| RelKey::from_bytes(c, bytes).ok())
+            .map_or(PartCipher::Missing, |k| PartCipher::Own(PageCipher::new(&k))),
     }
 }
 
@@ -338,16 +399,37 @@ unsafe fn complete_from_slot(
         // SAFETY: per the contract.
         unsafe { complete(ioh, prior, None) }
     } else {
-        EXPANDED.with(|cache| match cache.try_borrow_mut() {
-            // SAFETY (both arms): per the contract.
-            Ok(mut cache) => unsafe { complete(ioh, prior, cache.get(slot).map(|c| (slot.fork, c))) },
-            // Never re-entered in practice; expand on the stack rather than fail.
-            Err(_) => {
-                let len = (slot.key_len as usize).min(MAX_KEY_BYTES);
-                let key = Cipher::from_u32(slot.cipher).and_then(|c| RelKey::from_bytes(c, &slot.key[..len]).ok());
-                let cipher = key.map(|k| PageCipher::new(&k));
-                unsafe { complete(ioh, prior, cipher.as_ref().map(|c| (slot.fork, c))) }
+        EXPANDED.with(|cell| {
+            let mut borrowed = cell.try_borrow_mut().ok();
+            let old = part_cipher(borrowed.as_deref_mut(), slot.cipher, slot.key_len, &slot.key);
+            let new = if slot.rekey_slot >= 0 {
+                part_cipher(borrowed.as_deref_mut(), slot.new_cipher, slot.new_key_len, &slot.new_key)
+            } else {
+                PartCipher::Plain
+            };
+            if matches!(old, PartCipher::Missing) || matches!(new, PartCipher::Missing) {
+                // SAFETY: per the contract.
+                return unsafe { complete(ioh, prior, None) };
             }
+            let cache = borrowed.as_deref();
+            let (old, new) = (resolve(&old, cache), resolve(&new, cache));
+            let fork = slot.fork;
+            let rekey_slot = slot.rekey_slot;
+            let [spc, db, rel] = slot.rekey_file;
+            let id = crate::keys::FileId { spc, db, rel };
+            let decrypt = |block: u32, page: &mut [u8]| {
+                let part =
+                    if rekey_slot >= 0 && crate::rekey::frontier_covers(rekey_slot as usize, id, fork as u8, block) {
+                        new
+                    } else {
+                        old
+                    };
+                if let Some(c) = part {
+                    c.decrypt_page(crate::smgr::tweak_fork(fork as pg_sys::ForkNumber::Type), block, page);
+                }
+            };
+            // SAFETY: per the contract.
+            unsafe { complete(ioh, prior, Some(&decrypt)) }
         })
     };
     disarm(slot);
@@ -356,6 +438,7 @@ unsafe fn complete_from_slot(
 
 fn disarm(slot: &mut IoKeySlot) {
     slot.key.zeroize();
+    slot.new_key.zeroize();
     slot.armed = false;
 }
 
@@ -367,11 +450,14 @@ fn wipe_shared(id: i32) {
     }
 }
 
-fn take_local(id: i32) -> Option<(u32, Arc<FileKey>)> {
+fn take_local(id: i32) -> Option<(pg_sys::ForkNumber::Type, Arc<FileKey>)> {
     LOCAL_READS.with(|m| m.try_borrow_mut().ok()?.remove(&id)).map(|l| (l.fork, l.key))
 }
 
 const RS_ERROR: u32 = pg_sys::PgAioResultStatus::PGAIO_RS_ERROR;
+
+/// Decrypts one page of a read in place, given its block number.
+type Decrypt<'a> = &'a dyn Fn(u32, &mut [u8]);
 
 /// Decrypt the blocks of a completed read; `prior` is md.c's result (blocks read).
 ///
@@ -380,12 +466,12 @@ const RS_ERROR: u32 = pg_sys::PgAioResultStatus::PGAIO_RS_ERROR;
 unsafe fn complete(
     ioh: *mut pg_sys::PgAioHandle,
     prior: pg_sys::PgAioResult,
-    key: Option<(u32, &PageCipher)>,
+    decrypt: Option<Decrypt<'_>>,
 ) -> pg_sys::PgAioResult {
     if prior.status() == RS_ERROR {
         return prior;
     }
-    let Some((fork, cipher)) = key else {
+    let Some(decrypt) = decrypt else {
         let mut failed = prior;
         failed.set_status(RS_ERROR);
         failed.set_id(aio::PGAIO_HCB_EXTENSION);
@@ -412,7 +498,7 @@ unsafe fn complete(
             // SAFETY: each iovec covers whole pages of buffer memory of this IO.
             let page = unsafe { std::slice::from_raw_parts_mut((v.iov_base as *mut u8).add(p * PAGE_SIZE), PAGE_SIZE) };
             if !is_all_zero(page) {
-                cipher.decrypt_page(fork, block, page);
+                decrypt(block, page);
             }
             block += 1;
             left -= 1;
@@ -447,8 +533,9 @@ unsafe extern "C-unwind" fn complete_local(
     }
     // SAFETY: ioh is the handle being completed.
     let key = take_local(unsafe { aio::pgaio_io_get_id(ioh) });
+    let decrypt = key.as_ref().map(|(fork, k)| move |block: u32, page: &mut [u8]| k.decrypt_page(*fork, block, page));
     // SAFETY: as above.
-    unsafe { complete(ioh, prior, key.as_ref().map(|(fork, k)| (*fork, &***k))) }
+    unsafe { complete(ioh, prior, decrypt.as_ref().map(|d| d as Decrypt<'_>)) }
 }
 
 /// Report a read that completed without its key (see [`complete`]).

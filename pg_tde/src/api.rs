@@ -974,6 +974,10 @@ SET search_path = pg_catalog AS $$
         'pg_tde_verify_server_key()',
         'pg_tde_verify_default_key()',
         'pg_tde_check_keys()',
+        'pg_tde_rotate_relation_key(regclass, boolean)',
+        'pg_tde_encrypt_relation(regclass, boolean)',
+        'pg_tde_decrypt_relation(regclass, boolean)',
+        'pg_tde_rekey_status()',
         'pg_tde_key_state()',
         'pg_tde_audit_events()']
 $$;
@@ -1005,7 +1009,7 @@ BEGIN
     FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION @extschema@.%s TO %I', f, target_role);
     END LOOP;
-    EXECUTE format('GRANT SELECT ON @extschema@.pg_tde_audit_log TO %I', target_role);
+    EXECUTE format('GRANT SELECT ON @extschema@.pg_tde_audit_log, @extschema@.pg_tde_rekey_progress TO %I', target_role);
     EXECUTE format('GRANT tde_key_admin TO %I', target_role);
 END
 $$;
@@ -1017,7 +1021,7 @@ BEGIN
     FOREACH f IN ARRAY @extschema@.pg_tde_global_key_functions() LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION @extschema@.%s FROM %I', f, target_role);
     END LOOP;
-    EXECUTE format('REVOKE SELECT ON @extschema@.pg_tde_audit_log FROM %I', target_role);
+    EXECUTE format('REVOKE SELECT ON @extschema@.pg_tde_audit_log, @extschema@.pg_tde_rekey_progress FROM %I', target_role);
     EXECUTE format('REVOKE tde_key_admin FROM %I', target_role);
 END
 $$;

@@ -29,6 +29,10 @@ pub static VAULT_ALLOW_HTTP: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static KEY_CHECK_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(600);
 /// Seconds a key whose provider cannot be reached stays usable (-1: for ever).
 pub static KEY_UNREACHABLE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(-1);
+/// Online re-keying throttle, like VACUUM's cost-based delay: milliseconds slept
+/// each time `REKEY_COST_LIMIT` is reached (a block costs 20); 0: no delay.
+pub static REKEY_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static REKEY_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
 /// Write every key event to the server log as a structured line.
 pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Test-only: name of a point at which the server process crashes (see
@@ -121,6 +125,26 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tde.rekey_cost_delay",
+        c"Milliseconds the online re-keying sleeps when its cost limit is reached (0: no throttling).",
+        c"Like vacuum_cost_delay; a re-keyed block costs 20.",
+        &REKEY_COST_DELAY,
+        0,
+        100,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_tde.rekey_cost_limit",
+        c"Cost accumulated by the online re-keying before it sleeps.",
+        c"Like vacuum_cost_limit.",
+        &REKEY_COST_LIMIT,
+        1,
+        10000,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"pg_tde.audit",

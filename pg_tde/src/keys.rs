@@ -428,6 +428,11 @@ pub fn database_header(db_oid: u32) -> Result<Option<KeyMapHeader>> {
 /// whole new map is WAL-logged and then atomically replaces the old one.
 pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) -> Result<()> {
     ensure_key_dir()?;
+    if db_oid != SERVER_KEY_DB && db_oid != DEFAULT_KEY_DB && crate::rekey::in_progress(db_oid)? {
+        return Err(TdeError::Invalid(format!(
+            "relation files of database {db_oid} are being re-keyed; their new keys are sealed with the current principal key: finish the re-keying (call the pg_tde_*_relation function again) first"
+        )));
+    }
     let path = map_path(db_oid);
     for _ in 0..STORE_ATTEMPTS {
         // The current principal key is fetched (and checked) before the lock: a
@@ -524,10 +529,10 @@ fn ensure_wal_kek() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Relation keys
 
-/// The key of one relation file: its expanded page cipher, and the key itself
+/// One key of a relation file: its expanded page cipher, and the key itself
 /// for the asynchronous reads of PostgreSQL 18, whose completion may run in
 /// another process and rebuilds the cipher there (see `aio_read`).
-pub struct FileKey {
+pub struct KeyPart {
     cipher: PageCipher,
     /// The key serialized ([`RelKey::to_bytes`]) once, so that starting a read
     /// copies it without allocating.
@@ -535,9 +540,13 @@ pub struct FileKey {
     key_bytes: Zeroizing<Vec<u8>>,
 }
 
-impl FileKey {
-    fn new(key: RelKey) -> FileKey {
-        FileKey { cipher: PageCipher::new(&key), key_bytes: key.to_bytes() }
+impl KeyPart {
+    fn new(key: &RelKey) -> KeyPart {
+        KeyPart { cipher: PageCipher::new(key), key_bytes: key.to_bytes() }
+    }
+
+    pub fn page_cipher(&self) -> &PageCipher {
+        &self.cipher
     }
 
     /// The internal key, serialized (never logged, never returned by SQL).
@@ -547,10 +556,65 @@ impl FileKey {
     }
 }
 
-impl std::ops::Deref for FileKey {
-    type Target = PageCipher;
-    fn deref(&self) -> &PageCipher {
-        &self.cipher
+/// The keys of one relation file.  Normally one key; while the file is being
+/// re-keyed (see [`crate::rekey`]) two, either of which may be "plaintext",
+/// split by the frontier in shared memory, which is read for every page.
+pub struct FileKey {
+    /// The key of blocks the frontier has not passed (the file's key-map entry);
+    /// `None`: plaintext (a file being encrypted).
+    old: Option<KeyPart>,
+    /// While re-keying: the frontier's slot, the file, and the key of the blocks
+    /// it has passed (`None`: plaintext, a file being decrypted).
+    rekey: Option<(usize, FileId, Option<KeyPart>)>,
+}
+
+impl FileKey {
+    fn new(key: RelKey) -> FileKey {
+        FileKey { old: Some(KeyPart::new(&key)), rekey: None }
+    }
+
+    /// The key of a file being re-keyed, with its frontier in slot `slot`.
+    fn rekeying(old: Option<RelKey>, new: Option<RelKey>, slot: usize, id: FileId) -> FileKey {
+        FileKey { old: old.as_ref().map(KeyPart::new), rekey: Some((slot, id, new.as_ref().map(KeyPart::new))) }
+    }
+
+    /// The key of block `block` of fork `fork` (raw fork number) now.
+    pub fn part_for(&self, fork: pg_sys::ForkNumber::Type, block: u32) -> Option<&KeyPart> {
+        match &self.rekey {
+            None => self.old.as_ref(),
+            Some((slot, id, new)) => {
+                if crate::rekey::frontier_covers(*slot, *id, fork as u8, block) {
+                    new.as_ref()
+                } else {
+                    self.old.as_ref()
+                }
+            }
+        }
+    }
+
+    /// The key outside re-keying, or the old one.
+    pub fn old_part(&self) -> Option<&KeyPart> {
+        self.old.as_ref()
+    }
+
+    /// While re-keying: the frontier slot, the file and the new key.
+    pub fn rekey_parts(&self) -> Option<(usize, FileId, Option<&KeyPart>)> {
+        self.rekey.as_ref().map(|(slot, id, new)| (*slot, *id, new.as_ref()))
+    }
+
+    /// Encrypt (or, for a plaintext part, copy) a page for writing.
+    pub fn encrypt_page_into(&self, fork: pg_sys::ForkNumber::Type, block: u32, src: &[u8], dst: &mut [u8]) {
+        match self.part_for(fork, block) {
+            Some(p) => p.cipher.encrypt_page_into(crate::smgr::tweak_fork(fork), block, src, dst),
+            None => dst.copy_from_slice(src),
+        }
+    }
+
+    /// Decrypt a page just read (a plaintext part leaves it as it is).
+    pub fn decrypt_page(&self, fork: pg_sys::ForkNumber::Type, block: u32, page: &mut [u8]) {
+        if let Some(p) = self.part_for(fork, block) {
+            p.cipher.decrypt_page(crate::smgr::tweak_fork(fork), block, page);
+        }
     }
 }
 
@@ -623,12 +687,24 @@ pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<FileKey>>> {
         if let Some(c) = local.files.get(&id) {
             return Ok(c.clone());
         }
-        let cipher = match find_entry(id)? {
-            None => None,
-            Some((header, entry)) => {
+        let found = find_entry(id)?;
+        let rekeying = crate::rekey::record_of(id)?;
+        let cipher = match (found, rekeying) {
+            (None, None) => None,
+            (Some((header, entry)), None) => {
                 let pk = verified_principal(&header)?;
-                let relkey = entry.open(id.db, &pk)?;
-                Some(Arc::new(FileKey::new(relkey)))
+                Some(Arc::new(FileKey::new(entry.open(id.db, &pk)?)))
+            }
+            (found, Some((record, slot))) => {
+                let header = match (&found, database_header(id.db)?) {
+                    (Some((h, _)), _) => h.clone(),
+                    (None, Some(h)) => h,
+                    (None, None) => return Err(no_principal_key(id.db)),
+                };
+                let pk = verified_principal(&header)?;
+                let old = found.map(|(_, e)| e.open(id.db, &pk)).transpose()?;
+                let new = record.new_entry.as_ref().map(|e| e.open(id.db, &pk)).transpose()?;
+                Some(Arc::new(FileKey::rekeying(old, new, slot, id)))
             }
         };
         local.files.insert(id, cipher.clone());
@@ -738,6 +814,7 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
         LOCAL.with(|cell| cell.borrow_mut().temp.remove(&id));
         return Ok(());
     }
+    crate::rekey::forget_file(id)?;
     let path = map_path(id.db);
     if !path.exists() {
         return Ok(());

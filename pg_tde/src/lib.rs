@@ -37,6 +37,7 @@ mod key_check;
 mod key_memory;
 mod keys;
 mod provider_call;
+mod rekey;
 mod rmgr;
 mod smgr;
 mod tests;
@@ -73,6 +74,7 @@ pub extern "C-unwind" fn _PG_init() {
     keys::init_shmem();
     audit::init_shmem();
     key_check::init_shmem();
+    rekey::init_shmem();
     key_check::register_worker();
     key_check::init();
     am::init();

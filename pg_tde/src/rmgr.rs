@@ -33,6 +33,11 @@ const XLOG_TDE_PROVIDERS: u8 = 0x30;
 const XLOG_TDE_MAP_REMOVE: u8 = 0x40;
 /// The whole envelope store of wrapping providers (`pg_tde/envelopes.json`).
 const XLOG_TDE_ENVELOPES: u8 = 0x50;
+/// Online re-keying: the state file of a database, with the key-map change that ends
+/// the re-keying of a file (see `crate::rekey`).
+const XLOG_TDE_REKEY_STATE: u8 = 0x60;
+/// Online re-keying: full-page images of a batch of blocks and the frontier past them.
+pub const XLOG_TDE_REKEY_BATCH: u8 = 0x70;
 
 const XLR_INFO_MASK: u8 = 0x0F;
 
@@ -88,6 +93,90 @@ pub fn log_map_remove(db_oid: u32) {
 
 pub fn log_providers(bytes: &[u8]) {
     insert(XLOG_TDE_PROVIDERS, &[bytes]);
+}
+
+/// The main data of a re-keying batch record: the file and the new frontier.
+pub fn batch_payload(id: crate::keys::FileId, frontier: tde_core::rekey::Frontier) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..4].copy_from_slice(&id.db.to_le_bytes());
+    b[4..8].copy_from_slice(&id.spc.to_le_bytes());
+    b[8..12].copy_from_slice(&id.rel.to_le_bytes());
+    b[12..20].copy_from_slice(&frontier.to_u64().to_le_bytes());
+    b
+}
+
+fn parse_batch_payload(data: &[u8]) -> tde_core::Result<(crate::keys::FileId, tde_core::rekey::Frontier)> {
+    if data.len() != 20 {
+        return Err(tde_core::TdeError::Corrupt("pg_tde re-keying record has a wrong length".into()));
+    }
+    let u = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or([0; 4]));
+    let f = u64::from_le_bytes(data[12..20].try_into().unwrap_or([0; 8]));
+    Ok((crate::keys::FileId { db: u(0), spc: u(4), rel: u(8) }, tde_core::rekey::Frontier::from_u64(f)))
+}
+
+/// Log a database's re-keying state file, with the key-map change (if any) that
+/// ends a file's re-keying.
+pub fn log_rekey_state(db: u32, change: Option<&crate::rekey::MapChange>, state: &[u8]) {
+    let mut head = db.to_le_bytes().to_vec();
+    match change {
+        None => head.push(0),
+        Some(crate::rekey::MapChange::Put(e)) => {
+            head.push(1);
+            head.extend_from_slice(&keymap::entry_to_bytes(e));
+        }
+        Some(crate::rekey::MapChange::Remove { spc, rel }) => {
+            head.push(2);
+            head.extend_from_slice(&spc.to_le_bytes());
+            head.extend_from_slice(&rel.to_le_bytes());
+        }
+    }
+    insert(XLOG_TDE_REKEY_STATE, &[&head, state]);
+}
+
+fn redo_rekey_state(data: &[u8]) -> tde_core::Result<()> {
+    let corrupt = || tde_core::TdeError::Corrupt("pg_tde re-keying state record is damaged".into());
+    let (db, rest) = split_db(data);
+    let (&tag, rest) = rest.split_first().ok_or_else(corrupt)?;
+    let (change, rest) = match tag {
+        0 => (None, rest),
+        1 if rest.len() >= keymap::ENTRY_SIZE => (
+            Some(crate::rekey::MapChange::Put(keymap::entry_from_bytes(&rest[..keymap::ENTRY_SIZE])?)),
+            &rest[keymap::ENTRY_SIZE..],
+        ),
+        2 if rest.len() >= 8 => {
+            let u = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().unwrap_or([0; 4]));
+            (Some(crate::rekey::MapChange::Remove { spc: u(0), rel: u(4) }), &rest[8..])
+        }
+        _ => return Err(corrupt()),
+    };
+    let records = tde_core::rekey::from_bytes(rest)?;
+    crate::rekey::apply_state(db, change.as_ref(), &records)
+}
+
+/// Redo of a re-keying batch: restore the images (the buffers stay locked), move the
+/// frontier, release them.
+///
+/// # Safety
+/// `record` is the record being replayed.
+unsafe fn redo_rekey_batch(record: *mut pg_sys::XLogReaderState, data: &[u8]) -> tde_core::Result<()> {
+    let (id, frontier) = parse_batch_payload(data)?;
+    // SAFETY: the decoded record of the reader being replayed.
+    let max_block_id = unsafe { (*(*record).record).max_block_id };
+    let mut buffers = Vec::new();
+    for block_id in 0..=max_block_id.max(-1) {
+        let mut buf: pg_sys::Buffer = 0;
+        // SAFETY: every block reference of this record carries a full-page image.
+        unsafe { pg_sys::XLogReadBufferForRedo(record, block_id as u8, &mut buf) };
+        buffers.push(buf);
+    }
+    let result = crate::rekey::redo_frontier(id, frontier);
+    for buf in buffers {
+        if buf != pg_sys::InvalidBuffer as pg_sys::Buffer {
+            // SAFETY: pinned and locked by XLogReadBufferForRedo.
+            unsafe { pg_sys::UnlockReleaseBuffer(buf) };
+        }
+    }
+    result
 }
 
 /// Log the whole envelope store (KMS-wrapped keys only) before it replaces the file.
@@ -150,6 +239,9 @@ unsafe extern "C-unwind" fn tde_redo(record: *mut pg_sys::XLogReaderState) {
         XLOG_TDE_PROVIDERS => keys::redo_providers(data),
         XLOG_TDE_MAP_REMOVE => keys::redo_map_remove(split_db(data).0),
         XLOG_TDE_ENVELOPES => keys::redo_envelopes(data),
+        XLOG_TDE_REKEY_STATE => redo_rekey_state(data),
+        // SAFETY: record is the record being replayed.
+        XLOG_TDE_REKEY_BATCH => unsafe { redo_rekey_batch(record, data) },
         other => Err(tde_core::TdeError::Corrupt(format!("unknown pg_tde WAL record info {other:#x}"))),
     };
     if let Err(e) = result {
@@ -173,6 +265,11 @@ unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sy
         }
         XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
         XLOG_TDE_PROVIDERS | XLOG_TDE_ENVELOPES => format!("{} bytes", data.len()),
+        XLOG_TDE_REKEY_STATE if data.len() >= 5 => format!("db {} map change {}", split_db(data).0, data[4]),
+        XLOG_TDE_REKEY_BATCH => match parse_batch_payload(data) {
+            Ok((id, f)) => format!("file {}/{}/{} frontier fork {} block {}", id.spc, id.db, id.rel, f.fork, f.block),
+            Err(_) => String::new(),
+        },
         XLOG_TDE_MAP_REMOVE if data.len() >= 4 => format!("db {}", split_db(data).0),
         _ => String::new(),
     };
@@ -189,6 +286,8 @@ unsafe extern "C-unwind" fn tde_identify(info: u8) -> *const c_char {
         XLOG_TDE_PROVIDERS => c"PROVIDERS",
         XLOG_TDE_MAP_REMOVE => c"KEY_MAP_REMOVE",
         XLOG_TDE_ENVELOPES => c"ENVELOPES",
+        XLOG_TDE_REKEY_STATE => c"REKEY_STATE",
+        XLOG_TDE_REKEY_BATCH => c"REKEY_BATCH",
         _ => return std::ptr::null(),
     };
     name.as_ptr()

@@ -159,13 +159,12 @@ unsafe extern "C-unwind" fn tde_readv(
     unsafe { ffi::guarded(|| ffi::mdreadv(reln, forknum, blocknum, buffers, nblocks)) };
     // SAFETY: reln is the valid SMgrRelation smgrreadv was called with.
     let Some(cipher) = (unsafe { cipher_of(reln) }) else { return };
-    let fork = tweak_fork(forknum);
     for i in 0..nblocks {
         // SAFETY: smgrreadv hands us nblocks buffers of BLCKSZ bytes each,
         // which mdreadv has just filled.
         let page = unsafe { std::slice::from_raw_parts_mut(*buffers.add(i as usize) as *mut u8, PAGE_SIZE) };
         if !is_all_zero(page) {
-            cipher.decrypt_page(fork, blocknum + i, page);
+            cipher.decrypt_page(forknum, blocknum + i, page);
         }
     }
 }
@@ -185,14 +184,13 @@ unsafe extern "C-unwind" fn tde_writev(
         unsafe { ffi::guarded(|| ffi::mdwritev(reln, forknum, blocknum, buffers, nblocks, skip_fsync)) };
         return;
     };
-    let fork = tweak_fork(forknum);
     let n = nblocks as usize;
     with_scratch(n, |scratch| {
         let mut ptrs: Vec<*const c_void> = Vec::with_capacity(n);
         for (i, out) in scratch.iter_mut().enumerate() {
             // SAFETY: smgrwritev hands us nblocks buffers of BLCKSZ bytes.
             let page = unsafe { std::slice::from_raw_parts(*buffers.add(i) as *const u8, PAGE_SIZE) };
-            cipher.encrypt_page_into(fork, blocknum + i as u32, page, &mut out.0);
+            cipher.encrypt_page_into(forknum, blocknum + i as u32, page, &mut out.0);
             ptrs.push(out.0.as_ptr() as *const c_void);
         }
         // SAFETY: ptrs holds nblocks valid page pointers into scratch, which
@@ -219,7 +217,7 @@ unsafe extern "C-unwind" fn tde_extend(
         // SAFETY: smgrextend hands us one buffer of BLCKSZ bytes.
         let page = unsafe { std::slice::from_raw_parts(buffer as *const u8, PAGE_SIZE) };
         let out = &mut scratch[0].0;
-        cipher.encrypt_page_into(tweak_fork(forknum), blocknum, page, out);
+        cipher.encrypt_page_into(forknum, blocknum, page, out);
         // SAFETY: out is a valid page buffer for the duration of the call.
         unsafe { ffi::guarded(|| ffi::mdextend(reln, forknum, blocknum, out.as_ptr() as *const c_void, skip_fsync)) };
     });

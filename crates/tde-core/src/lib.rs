@@ -28,6 +28,7 @@ mod fsutil;
 pub mod keymap;
 pub mod provider;
 pub mod providers_catalog;
+pub mod rekey;
 mod rng;
 pub mod secret_buf;
 #[cfg(test)]

@@ -1,0 +1,739 @@
+//! Online re-keying: rotate the internal keys of a live table, or encrypt or decrypt
+//! it, with no lock stronger than VACUUM's (`SHARE UPDATE EXCLUSIVE`).
+//!
+//! Every file of the table (heap, TOAST table and index, indexes, owned sequences)
+//! moves in turn from its *old* key to a *new* one; either may be "plaintext" (online
+//! encryption, decryption). While a file moves, a frontier `(fork, block)` splits it
+//! (`tde_core::rekey`): blocks before it are under the new key. The frontier lives in
+//! `$PGDATA/pg_tde/<db>_rekey` and, authoritative while the server runs, in shared
+//! memory, which the storage manager reads for every page of such a file.
+//!
+//! One step of the walk takes up to [`BATCH`] blocks of one fork: it reads them into
+//! shared buffers and locks them exclusively, writes one WAL record with their
+//! full-page images and the new frontier, marks them dirty, moves the frontier in
+//! shared memory (inside the critical section) and in the file (before the locks are
+//! released, as a crash there must replay the record: a failure is a PANIC). No block
+//! of the batch can be written or read from disk while it is locked, so every block on
+//! disk is always under the key the frontier says, on the primary, after a crash (redo
+//! restores the images and moves the frontier again) and on a standby, which replays the
+//! same records and decides nothing on its own. A fork is finished under the relation's
+//! extension lock, so that no block is appended under the old key after the last
+//! batch. When every fork is done, one record makes the new key the file's key-map entry
+//! (or removes the entry) and forgets the re-keying.
+//!
+//! The walk runs in the calling session; it can be cancelled between batches and a
+//! later call continues from the frontier, also after a restart or a crash.
+
+use std::time::Duration;
+
+use pgrx::lwlock::PgLwLock;
+use pgrx::pg_shmem_init;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::PgSqlErrorCode;
+use tde_core::cipher::RelKey;
+use tde_core::keymap::{self, KeyMapEntry};
+use tde_core::rekey::{self as state, Frontier, RekeyMode, RekeyRecord, FORKS};
+use tde_core::{Result, TdeError};
+
+use crate::errors::{raise_with, OrRaise};
+use crate::keys::{self, FileId};
+
+/// Blocks per WAL record (at most `XLR_MAX_BLOCK_ID`).
+const BATCH: u32 = 32;
+const SLOTS: usize = 64;
+
+pub fn rekey_path(db: u32) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("{}/{db}_rekey", keys::KEY_DIR))
+}
+
+// ---------------------------------------------------------------------------
+// Shared memory: the frontiers, and progress.
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct RekeySlot {
+    in_use: bool,
+    mode: u8,
+    /// 0 waiting, 1 running, 2 cancelled or interrupted.
+    state: u8,
+    db: u32,
+    spc: u32,
+    rel: u32,
+    frontier: u64,
+    relid: u32,
+    done: u64,
+    total: u64,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct RekeyTable {
+    slots: [RekeySlot; SLOTS],
+}
+
+impl Default for RekeyTable {
+    fn default() -> Self {
+        let empty = RekeySlot {
+            in_use: false,
+            mode: 0,
+            state: 0,
+            db: 0,
+            spc: 0,
+            rel: 0,
+            frontier: 0,
+            relid: 0,
+            done: 0,
+            total: 0,
+        };
+        RekeyTable { slots: [empty; SLOTS] }
+    }
+}
+
+// SAFETY: plain old data with no pointers; valid in any process that maps it.
+unsafe impl PGRXSharedMemory for RekeyTable {}
+
+static REKEY: PgLwLock<RekeyTable> = unsafe { PgLwLock::new(c"pg_tde_rekey") };
+
+pub fn init_shmem() {
+    pg_shmem_init!(REKEY);
+}
+
+impl RekeySlot {
+    fn is(&self, id: FileId) -> bool {
+        self.in_use && self.db == id.db && self.spc == id.spc && self.rel == id.rel
+    }
+}
+
+/// Whether block `block` of fork `fork` of the file in slot `slot` is under its new key.
+/// A slot that no longer holds the file means its re-keying has finished: new key.
+pub fn frontier_covers(slot: usize, id: FileId, fork: u8, block: u32) -> bool {
+    let table = REKEY.share();
+    let s = &table.slots[slot.min(SLOTS - 1)];
+    if !s.is(id) {
+        return true;
+    }
+    Frontier::from_u64(s.frontier).covers(fork, block)
+}
+
+/// The re-keying record of a file and its shared-memory slot (loaded from the file
+/// when the slot is not there yet, after a start).
+pub fn record_of(id: FileId) -> Result<Option<(RekeyRecord, usize)>> {
+    let records = state::read(&rekey_path(id.db))?;
+    let Some(record) = records.into_iter().find(|r| r.spc_oid == id.spc && r.rel_number == id.rel) else {
+        return Ok(None);
+    };
+    let slot = slot_for(id, &record)?;
+    Ok(Some((record, slot)))
+}
+
+fn slot_for(id: FileId, record: &RekeyRecord) -> Result<usize> {
+    let mut table = REKEY.exclusive();
+    if let Some(i) = table.slots.iter().position(|s| s.is(id)) {
+        return Ok(i);
+    }
+    let i = table
+        .slots
+        .iter()
+        .position(|s| !s.in_use)
+        .ok_or_else(|| TdeError::Invalid(format!("more than {SLOTS} relation files are being re-keyed at once")))?;
+    table.slots[i] = RekeySlot {
+        in_use: true,
+        mode: record.mode as u8,
+        state: 0,
+        db: id.db,
+        spc: id.spc,
+        rel: id.rel,
+        frontier: record.frontier.to_u64(),
+        relid: 0,
+        done: 0,
+        total: 0,
+    };
+    Ok(i)
+}
+
+fn set_frontier(id: FileId, frontier: Frontier) {
+    let mut table = REKEY.exclusive();
+    if let Some(s) = table.slots.iter_mut().find(|s| s.is(id)) {
+        s.frontier = frontier.to_u64();
+    }
+}
+
+fn free_slot(id: FileId) {
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| s.is(id)) {
+        s.in_use = false;
+    }
+}
+
+fn set_progress(id: FileId, relid: u32, state: u8, done: u64, total: u64) {
+    let mut table = REKEY.exclusive();
+    if let Some(s) = table.slots.iter_mut().find(|s| s.is(id)) {
+        s.relid = relid;
+        s.state = state;
+        s.done = done;
+        s.total = total;
+    }
+}
+
+/// Whether a database has files being re-keyed (its principal key may not change then:
+/// the new keys are sealed with it).
+pub fn in_progress(db: u32) -> Result<bool> {
+    Ok(!state::read(&rekey_path(db))?.is_empty())
+}
+
+// ---------------------------------------------------------------------------
+// WAL records (see crate::rmgr) and their redo.
+
+/// Change the record of one file in the state file: WAL first, then the file.
+fn log_and_write_state(db: u32, records: &[RekeyRecord], map_change: Option<MapChange>) -> Result<()> {
+    let bytes = state::to_bytes(records);
+    crate::rmgr::log_rekey_state(db, map_change.as_ref(), &bytes);
+    apply_state(db, map_change.as_ref(), records)
+}
+
+/// What the end of a re-keying does to the key map.
+pub enum MapChange {
+    Put(KeyMapEntry),
+    Remove { spc: u32, rel: u32 },
+}
+
+/// Apply a state record: the key-map change first (a crash after it leaves a record
+/// whose old and new keys agree), then the state file, then shared memory.
+pub fn apply_state(db: u32, map_change: Option<&MapChange>, records: &[RekeyRecord]) -> Result<()> {
+    keys::with_key_files_lock(|| {
+        match map_change {
+            Some(MapChange::Put(entry)) => keymap::put_entry(&keys::map_path(db), entry)?,
+            Some(MapChange::Remove { spc, rel }) => {
+                keymap::remove_entry(&keys::map_path(db), *spc, *rel)?;
+            }
+            None => {}
+        }
+        state::write(&rekey_path(db), records)
+    })?;
+    // Slots of files no longer re-keyed go; the others keep their (newer) frontier.
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| s.in_use && s.db == db) {
+        if !records.iter().any(|r| r.spc_oid == s.spc && r.rel_number == s.rel) {
+            s.in_use = false;
+        }
+    }
+    drop(table);
+    keys::invalidate_local_keys();
+    Ok(())
+}
+
+/// Redo of a batch: the images are restored by the caller (the buffers are locked);
+/// the frontier moves in shared memory and in the file before they are released.
+pub fn redo_frontier(id: FileId, frontier: Frontier) -> Result<()> {
+    let path = rekey_path(id.db);
+    keys::with_key_files_lock(|| {
+        let mut records = state::read(&path)?;
+        let Some(r) = records.iter_mut().find(|r| r.spc_oid == id.spc && r.rel_number == id.rel) else {
+            // The re-keying ended (or its file was dropped) later in the WAL.
+            return Ok(());
+        };
+        if frontier > r.frontier {
+            r.frontier = frontier;
+            state::write(&path, &records)?;
+        }
+        Ok(())
+    })?;
+    if let Ok(Some((record, _))) = record_of(id) {
+        set_frontier(id, record.frontier.max(frontier));
+    }
+    Ok(())
+}
+
+/// Forget the re-keying of a file that is unlinked (also during redo of the unlink).
+pub fn forget_file(id: FileId) -> Result<()> {
+    let path = rekey_path(id.db);
+    if !path.exists() {
+        return Ok(());
+    }
+    keys::with_key_files_lock(|| {
+        let mut records = state::read(&path)?;
+        let before = records.len();
+        records.retain(|r| !(r.spc_oid == id.spc && r.rel_number == id.rel));
+        if records.len() != before {
+            state::write(&path, &records)?;
+        }
+        Ok::<(), TdeError>(())
+    })?;
+    free_slot(id);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The walk
+
+/// One relation file to move: its relation and identity.
+struct Target {
+    relid: pg_sys::Oid,
+    id: FileId,
+    persistence: u8,
+}
+
+/// The relation files of a table: itself, its TOAST table and index, its indexes and
+/// the sequences it owns.
+fn files_of(table: pg_sys::Oid) -> Vec<Target> {
+    let mut oids = vec![table];
+    let sql = format!(
+        "SELECT c.reltoastrelid FROM pg_catalog.pg_class c WHERE c.oid = {t} AND c.reltoastrelid <> 0
+         UNION ALL SELECT i.indexrelid FROM pg_catalog.pg_index i WHERE i.indrelid = {t}
+         UNION ALL SELECT i.indexrelid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON i.indrelid = c.reltoastrelid WHERE c.oid = {t}
+         UNION ALL SELECT d.objid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class s ON s.oid = d.objid
+           WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.refobjid = {t} AND d.deptype IN ('a', 'i') AND s.relkind = 'S'",
+        t = table.to_u32()
+    );
+    Spi::connect(|client| {
+        for row in client.select(&sql, None, &[]).unwrap_or_else(|e| spi_failed(e)) {
+            if let Ok(Some(oid)) = row.get::<pg_sys::Oid>(1) {
+                if !oids.contains(&oid) {
+                    oids.push(oid);
+                }
+            }
+        }
+    });
+    oids.into_iter()
+        .filter_map(|relid| {
+            // SAFETY: the table is locked; its TOAST table, indexes and sequences cannot
+            // go away while it is; the entry is released before returning.
+            unsafe {
+                let rel = pg_sys::RelationIdGetRelation(relid);
+                if rel.is_null() {
+                    return None;
+                }
+                let t = Target {
+                    relid,
+                    id: FileId::from((*rel).rd_locator),
+                    persistence: (*(*rel).rd_rel).relpersistence as u8,
+                };
+                pg_sys::RelationClose(rel);
+                Some(t)
+            }
+        })
+        .collect()
+}
+
+/// Start (or find) the re-keying of one file; `None` when it needs none.
+fn start_file(target: &Target, mode: RekeyMode) -> Result<Option<RekeyRecord>> {
+    let id = target.id;
+    if let Some((record, _)) = record_of(id)? {
+        if record.mode != mode {
+            return Err(TdeError::Invalid(format!(
+                "relation file {}/{}/{} is being re-keyed to {} already; finish that first",
+                id.spc,
+                id.db,
+                id.rel,
+                record.mode.name()
+            )));
+        }
+        return Ok(Some(record));
+    }
+    let has_key = keys::file_has_key(id, false)?;
+    match mode {
+        RekeyMode::Rotate | RekeyMode::Decrypt if !has_key => return Ok(None),
+        RekeyMode::Encrypt if has_key => return Ok(None),
+        _ => {}
+    }
+    let new_entry = match mode {
+        RekeyMode::Decrypt => None,
+        _ => {
+            let header = keys::database_header(id.db)?
+                .ok_or_else(|| TdeError::NotFound(format!("principal key not configured for database {}", id.db)))?;
+            let pk = keys::verified_principal(&header)?;
+            let relkey = RelKey::generate(crate::gucs::cipher())?;
+            Some(KeyMapEntry::seal(id.db, id.spc, id.rel, &relkey, &pk)?)
+        }
+    };
+    let record = RekeyRecord { spc_oid: id.spc, rel_number: id.rel, mode, frontier: Frontier::default(), new_entry };
+    let mut records = state::read(&rekey_path(id.db))?;
+    state::put(&mut records, record.clone());
+    log_and_write_state(id.db, &records, None)?;
+    // The frontier's slot exists from now on (the walk moves it).
+    record_of(id)?;
+    Ok(Some(record))
+}
+
+/// Finish a file whose frontier has passed every fork.
+fn finish_file(id: FileId, record: &RekeyRecord) -> Result<()> {
+    let mut records = state::read(&rekey_path(id.db))?;
+    records.retain(|r| !(r.spc_oid == id.spc && r.rel_number == id.rel));
+    let change = match &record.new_entry {
+        Some(e) => MapChange::Put(e.clone()),
+        None => MapChange::Remove { spc: id.spc, rel: id.rel },
+    };
+    log_and_write_state(id.db, &records, Some(change))
+}
+
+/// Throttle: cost per block written, sleep when the limit is reached (like VACUUM).
+struct Throttle {
+    cost: i64,
+}
+
+impl Throttle {
+    fn charge(&mut self, blocks: u32) {
+        let delay = crate::gucs::REKEY_COST_DELAY.get();
+        if delay <= 0 {
+            return;
+        }
+        self.cost += i64::from(blocks) * 20;
+        let limit = i64::from(crate::gucs::REKEY_COST_LIMIT.get().max(1));
+        if self.cost >= limit {
+            let ms = (i64::from(delay) * self.cost / limit).min(i64::from(delay) * 4);
+            self.cost = 0;
+            // Sleep in small steps, answering cancellation.
+            let mut left = ms;
+            while left > 0 {
+                let step = left.min(100);
+                std::thread::sleep(Duration::from_millis(step as u64));
+                left -= step;
+                pgrx::check_for_interrupts!();
+            }
+        }
+    }
+}
+
+/// Walk one file from its frontier to the end of its last fork.
+fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) -> Result<()> {
+    let id = target.id;
+    // SAFETY: the table is locked SHARE UPDATE EXCLUSIVE by the caller, which keeps
+    // this relation (the table or one of its dependents) in place; NoLock opens it.
+    let rel = unsafe { pg_sys::relation_open(target.relid, pg_sys::NoLock as pg_sys::LOCKMODE) };
+    let result = (|| -> Result<()> {
+        let total: u64 = (0..FORKS).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
+        let mut frontier = record.frontier;
+        while frontier.fork < FORKS {
+            let fork = frontier.fork;
+            if !fork_exists(rel, fork) {
+                frontier = Frontier { fork: fork + 1, block: 0 };
+                continue;
+            }
+            let n = nblocks(rel, fork);
+            if frontier.block < n {
+                let (start, end) = (frontier.block, (frontier.block + BATCH).min(n));
+                rekey_batch(rel, id, fork, start, end)?;
+                frontier = Frontier { fork, block: end };
+                let before: u64 = (0..fork).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
+                set_progress(id, target.relid.to_u32(), 1, before + u64::from(end), total);
+                throttle.charge(end - start);
+                pgrx::check_for_interrupts!();
+                crate::gucs::crash_point("rekey_batch");
+                continue;
+            }
+            // The fork is done up to its end: move on to the next under the extension
+            // lock, so that nothing is appended under the old key meanwhile.
+            // SAFETY: rel is open; the lock is released below.
+            unsafe { pg_sys::LockRelationForExtension(rel, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
+            let n_now = nblocks(rel, fork);
+            if n_now == frontier.block {
+                let next = Frontier { fork: fork + 1, block: 0 };
+                log_frontier_only(id, next);
+                frontier = next;
+            }
+            // SAFETY: taken above.
+            unsafe { pg_sys::UnlockRelationForExtension(rel, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
+        }
+        record.frontier = frontier;
+        crate::gucs::crash_point("rekey_before_finish");
+        finish_file(id, &record)
+    })();
+    // SAFETY: opened above.
+    unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
+    result
+}
+
+fn fork_exists(rel: pg_sys::Relation, fork: u8) -> bool {
+    // SAFETY: rel is open.
+    unsafe { pg_sys::smgrexists(pg_sys::RelationGetSmgr(rel), fork as pg_sys::ForkNumber::Type) }
+}
+
+fn nblocks(rel: pg_sys::Relation, fork: u8) -> u32 {
+    // SAFETY: rel is open and the fork exists.
+    unsafe { pg_sys::RelationGetNumberOfBlocksInFork(rel, fork as pg_sys::ForkNumber::Type) }
+}
+
+fn set_page_lsn(page: pg_sys::Page, lsn: pg_sys::XLogRecPtr) {
+    // SAFETY: page is a locked shared buffer's page; pd_lsn is its first field.
+    unsafe {
+        let header = page as *mut pg_sys::PageHeaderData;
+        (*header).pd_lsn = pg_sys::PageXLogRecPtr { xlogid: (lsn >> 32) as u32, xrecoff: lsn as u32 };
+    }
+}
+
+/// Move the frontier over blocks `[start, end)` of `fork`: lock them, log their images
+/// with the new frontier, move it, release them.  `start == end` logs nothing.
+fn rekey_batch(rel: pg_sys::Relation, id: FileId, fork: u8, start: u32, end: u32) -> Result<()> {
+    if start >= end {
+        return Ok(());
+    }
+    let frontier = Frontier { fork, block: end };
+    let mut buffers = Vec::with_capacity((end - start) as usize);
+    // SAFETY: rel is open; every buffer pinned here is locked, logged and released
+    // below; the critical section contains no call that can fail but XLogInsert
+    // itself, whose failure there is a PANIC as everywhere in PostgreSQL.
+    unsafe {
+        for block in start..end {
+            let buf = pg_sys::ReadBufferExtended(
+                rel,
+                fork as pg_sys::ForkNumber::Type,
+                block,
+                pg_sys::ReadBufferMode::RBM_NORMAL,
+                std::ptr::null_mut(),
+            );
+            pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
+            buffers.push(buf);
+        }
+        pg_sys::XLogEnsureRecordSpace(buffers.len() as i32, 0);
+        pg_sys::XLogBeginInsert();
+        let payload = crate::rmgr::batch_payload(id, frontier);
+        pg_sys::XLogRegisterData(payload.as_ptr() as _, payload.len() as u32);
+        for (i, &buf) in buffers.iter().enumerate() {
+            pg_sys::XLogRegisterBuffer(i as u8, buf, pg_sys::REGBUF_FORCE_IMAGE as u8);
+        }
+        pg_sys::CritSectionCount += 1;
+        for &buf in &buffers {
+            pg_sys::MarkBufferDirty(buf);
+        }
+        let lsn = pg_sys::XLogInsert(crate::rmgr::RM_TDE_ID, crate::rmgr::XLOG_TDE_REKEY_BATCH);
+        for &buf in &buffers {
+            let page = pg_sys::BufferGetPage(buf);
+            if !pg_sys::PageIsNew(page) {
+                set_page_lsn(page, lsn);
+            }
+        }
+        set_frontier(id, frontier);
+        pg_sys::XLogFlush(lsn);
+        // Still in the critical section: the file must follow the record, or the
+        // server restarts and replays it.
+        if let Err(e) = write_frontier(id, frontier) {
+            pgrx::ereport!(
+                PgLogLevel::PANIC,
+                PgSqlErrorCode::ERRCODE_IO_ERROR,
+                format!("pg_tde: could not record the re-keying frontier of {}/{}/{}: {e}", id.spc, id.db, id.rel)
+            );
+        }
+        pg_sys::CritSectionCount -= 1;
+        for buf in buffers {
+            pg_sys::UnlockReleaseBuffer(buf);
+        }
+    }
+    Ok(())
+}
+
+/// Move the frontier past a fork with no blocks left (no images).
+fn log_frontier_only(id: FileId, frontier: Frontier) {
+    // SAFETY: a record without block references.
+    unsafe {
+        pg_sys::XLogBeginInsert();
+        let payload = crate::rmgr::batch_payload(id, frontier);
+        pg_sys::XLogRegisterData(payload.as_ptr() as _, payload.len() as u32);
+        let lsn = pg_sys::XLogInsert(crate::rmgr::RM_TDE_ID, crate::rmgr::XLOG_TDE_REKEY_BATCH);
+        pg_sys::XLogFlush(lsn);
+    }
+    set_frontier(id, frontier);
+    write_frontier(id, frontier).or_raise();
+}
+
+fn write_frontier(id: FileId, frontier: Frontier) -> Result<()> {
+    let path = rekey_path(id.db);
+    keys::with_key_files_lock(|| {
+        let mut records = state::read(&path)?;
+        if let Some(r) = records.iter_mut().find(|r| r.spc_oid == id.spc && r.rel_number == id.rel) {
+            r.frontier = frontier;
+        }
+        state::write(&path, &records)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// SQL
+
+fn spi_failed(e: pgrx::spi::SpiError) -> ! {
+    raise_with(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, &format!("catalog query failed: {e}"), None)
+}
+
+fn run(relation: pg_sys::Oid, mode: RekeyMode, wait: bool) {
+    crate::api::require_key_admin(&format!("{} a relation online", mode.name()));
+    if !wait {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "wait => false is not supported yet: the walk runs in the calling session",
+            Some("Call it with wait => true (the default) from a session of its own; it can be cancelled and continues where it stopped when called again."),
+        );
+    }
+    // SAFETY: reads shared recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "relations cannot be re-keyed during recovery",
+            Some("Re-key on the primary: standbys replay it."),
+        );
+    }
+    if mode == RekeyMode::Decrypt && crate::gucs::ENFORCE_ENCRYPTION.get() {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "cannot decrypt a relation while pg_tde.enforce_encryption is on",
+            None,
+        );
+    }
+    // SAFETY: takes the lock VACUUM takes; held to the end of the transaction.
+    unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+    let is_tde = crate::am::is_tde_heap_oid(relation);
+    let relkind = Spi::get_one::<String>(&format!(
+        "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = {}",
+        relation.to_u32()
+    ))
+    .unwrap_or_else(|e| spi_failed(e))
+    .unwrap_or_default();
+    if relkind != "r" && relkind != "m" {
+        raise_with(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            "only tables and materialized views can be re-keyed",
+            None,
+        );
+    }
+    match mode {
+        RekeyMode::Rotate | RekeyMode::Decrypt if !is_tde => raise_with(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            "the relation is not a tde_heap table",
+            Some("Use pg_tde_encrypt_relation() to encrypt it."),
+        ),
+        RekeyMode::Encrypt if is_tde => {
+            raise_with(PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE, "the relation is already a tde_heap table", None)
+        }
+        _ => {}
+    }
+    let targets = files_of(relation);
+    if let Some(t) = targets.iter().find(|t| t.persistence != pg_sys::RELPERSISTENCE_PERMANENT) {
+        let _ = t;
+        raise_with(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "only permanent (logged) relations can be re-keyed online",
+            Some("Unlogged and temporary tables are rewritten with VACUUM FULL instead."),
+        );
+    }
+    let mut throttle = Throttle { cost: 0 };
+    for target in &targets {
+        let Some(record) = start_file(target, mode).or_raise() else { continue };
+        set_progress(target.id, target.relid.to_u32(), 1, 0, 0);
+        if let Err(e) = walk_file(target, record, &mut throttle) {
+            set_progress(target.id, target.relid.to_u32(), 2, 0, 0);
+            crate::errors::raise(e);
+        }
+    }
+    if mode != RekeyMode::Rotate {
+        switch_access_method(relation, mode == RekeyMode::Encrypt);
+    }
+    let event = match mode {
+        RekeyMode::Rotate => "relation_key_rotated",
+        RekeyMode::Encrypt => "relation_encrypted",
+        RekeyMode::Decrypt => "relation_decrypted",
+    };
+    crate::audit::record(crate::audit::AuditEvent::new(event).detail(format!(
+        "relation {} ({} files)",
+        relation.to_u32(),
+        targets.len()
+    )));
+}
+
+/// Make the table (and its TOAST table) `tde_heap` or `heap`, under a brief
+/// ACCESS EXCLUSIVE lock: their files are all under the matching keys by now.
+fn switch_access_method(relation: pg_sys::Oid, to_tde: bool) {
+    // SAFETY: upgrades the lock; held to the end of the transaction.
+    unsafe { pg_sys::LockRelationOid(relation, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE) };
+    let am = if to_tde { "tde_heap" } else { "heap" };
+    Spi::run(&format!(
+        "UPDATE pg_catalog.pg_class SET relam = (SELECT oid FROM pg_catalog.pg_am WHERE amname = '{am}')
+          WHERE oid = {t} OR oid = (SELECT reltoastrelid FROM pg_catalog.pg_class WHERE oid = {t})",
+        t = relation.to_u32()
+    ))
+    .unwrap_or_else(|e| spi_failed(e));
+    // SAFETY: invalidates the relcache entries of the relation (and, through the
+    // catalog update, of the TOAST table).
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
+}
+
+#[pg_extern(
+    sql = "CREATE FUNCTION pg_tde_rotate_relation_key(rel regclass, wait boolean DEFAULT true) RETURNS void STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'rotate_relation_key_wrapper';"
+)]
+fn rotate_relation_key(rel: pg_sys::Oid, wait: bool) {
+    run(rel, RekeyMode::Rotate, wait)
+}
+
+#[pg_extern(
+    sql = "CREATE FUNCTION pg_tde_encrypt_relation(rel regclass, wait boolean DEFAULT true) RETURNS void STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'encrypt_relation_wrapper';"
+)]
+fn encrypt_relation(rel: pg_sys::Oid, wait: bool) {
+    run(rel, RekeyMode::Encrypt, wait)
+}
+
+#[pg_extern(
+    sql = "CREATE FUNCTION pg_tde_decrypt_relation(rel regclass, wait boolean DEFAULT true) RETURNS void STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'decrypt_relation_wrapper';"
+)]
+fn decrypt_relation(rel: pg_sys::Oid, wait: bool) {
+    run(rel, RekeyMode::Decrypt, wait)
+}
+
+/// Files being re-keyed: relation, file, fork and block of the frontier, progress.
+#[pg_extern(name = "pg_tde_rekey_status")]
+#[allow(clippy::type_complexity)]
+fn rekey_status() -> TableIterator<
+    'static,
+    (
+        name!(database_oid, pg_sys::Oid),
+        name!(relation_oid, Option<pg_sys::Oid>),
+        name!(relfilenode, pg_sys::Oid),
+        name!(mode, String),
+        name!(state, String),
+        name!(fork, i32),
+        name!(block, i64),
+        name!(blocks_done, i64),
+        name!(blocks_total, i64),
+    ),
+> {
+    let table = REKEY.share();
+    let rows = table
+        .slots
+        .iter()
+        .filter(|s| s.in_use)
+        .map(|s| {
+            let f = Frontier::from_u64(s.frontier);
+            let mode = match s.mode {
+                1 => "rotate",
+                2 => "encrypt",
+                _ => "decrypt",
+            };
+            let state = match s.state {
+                1 => "running",
+                2 => "interrupted",
+                _ => "waiting",
+            };
+            (
+                pg_sys::Oid::from(s.db),
+                (s.relid != 0).then(|| pg_sys::Oid::from(s.relid)),
+                pg_sys::Oid::from(s.rel),
+                mode.to_string(),
+                state.to_string(),
+                i32::from(f.fork),
+                i64::from(f.block),
+                s.done as i64,
+                s.total as i64,
+            )
+        })
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}
+
+pgrx::extension_sql!(
+    r#"
+CREATE VIEW pg_tde_rekey_progress AS
+SELECT d.datname AS database, s.relation_oid::regclass AS relation, s.relfilenode, s.mode, s.state,
+       s.fork, s.block, s.blocks_done, s.blocks_total
+  FROM pg_tde_rekey_status() s LEFT JOIN pg_catalog.pg_database d ON d.oid = s.database_oid;
+REVOKE ALL ON pg_tde_rekey_progress FROM PUBLIC;
+"#,
+    name = "pg_tde_rekey_progress_view",
+    requires = [rekey_status]
+);
