@@ -418,14 +418,16 @@ unsafe fn complete_from_slot(
             let [spc, db, rel] = slot.rekey_file;
             let id = crate::keys::FileId { spc, db, rel };
             let decrypt = |block: u32, page: &mut [u8]| {
-                let part =
-                    if rekey_slot >= 0 && crate::rekey::frontier_covers(rekey_slot as usize, id, fork as u8, block) {
-                        new
+                let fork = fork as pg_sys::ForkNumber::Type;
+                if rekey_slot >= 0 {
+                    let (first, second) = if crate::rekey::frontier_covers(rekey_slot as usize, id, fork as u8, block) {
+                        (new, old)
                     } else {
-                        old
+                        (old, new)
                     };
-                if let Some(c) = part {
-                    c.decrypt_page(crate::smgr::tweak_fork(fork as pg_sys::ForkNumber::Type), block, page);
+                    crate::keys::decrypt_either(first, second, fork, block, page);
+                } else if let Some(c) = old {
+                    c.decrypt_page(crate::smgr::tweak_fork(fork), block, page);
                 }
             };
             // SAFETY: per the contract.

@@ -25,6 +25,11 @@ pub unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
 unsafe extern "C-unwind" {
     /// `postmaster/bgwriter.h`, not in pgrx's bindings.
     pub fn RequestCheckpoint(flags: std::ffi::c_int);
+    /// `tcop/tcopprot.h`: the backends' SIGTERM handler, as a C function pointer
+    /// (pgrx wraps the binding in a Rust function).
+    pub fn die(postgres_signal_arg: std::ffi::c_int);
+    /// `storage/checksum.h`, not in pgrx's bindings.
+    pub fn pg_checksum_page(page: *mut std::ffi::c_char, blkno: u32) -> u16;
     pub fn mdinit();
     pub fn mdopen(reln: SMgrRelation);
     pub fn mdclose(reln: SMgrRelation, forknum: ForkNumber::Type);

@@ -440,6 +440,11 @@ pub fn set_database_principal(db_oid: u32, principal: PrincipalRef, key: &[u8]) 
         let before = database_header(db_oid)?;
         let old_key = before.as_ref().map(verified_principal).transpose()?;
         let done = with_key_files_lock(|| {
+            if db_oid != SERVER_KEY_DB && db_oid != DEFAULT_KEY_DB && crate::rekey::in_progress(db_oid)? {
+                return Err(TdeError::Invalid(format!(
+                    "relation files of database {db_oid} are being re-keyed; finish the re-keying first"
+                )));
+            }
             let entries = match keymap::read(&path) {
                 Ok((old_header, old_entries)) => {
                     let (Some(expected), Some(old_key)) = (&before, &old_key) else { return Ok(false) };
@@ -610,11 +615,83 @@ impl FileKey {
         }
     }
 
-    /// Decrypt a page just read (a plaintext part leaves it as it is).
+    /// Decrypt a page just read (a plaintext part leaves it as it is).  While the
+    /// file is re-keyed, a page that is not valid under the key its frontier says is
+    /// tried under the other key (see [`decrypt_either`]).
     pub fn decrypt_page(&self, fork: pg_sys::ForkNumber::Type, block: u32, page: &mut [u8]) {
-        if let Some(p) = self.part_for(fork, block) {
-            p.cipher.decrypt_page(crate::smgr::tweak_fork(fork), block, page);
+        match &self.rekey {
+            None => {
+                if let Some(p) = &self.old {
+                    p.cipher.decrypt_page(crate::smgr::tweak_fork(fork), block, page);
+                }
+            }
+            Some((slot, id, new)) => {
+                let old = self.old.as_ref().map(|p| &p.cipher);
+                let new = new.as_ref().map(|p| &p.cipher);
+                let (first, second) =
+                    if crate::rekey::frontier_covers(*slot, *id, fork as u8, block) { (new, old) } else { (old, new) };
+                decrypt_either(first, second, fork, block, page);
+            }
         }
+    }
+}
+
+/// Decrypt a page of a file being re-keyed: under `first` (the key the frontier
+/// says; `None`: plaintext), and if the result is not a valid page, under `second`.
+///
+/// The frontier is exact while the server runs, but after a crash (or on a
+/// standby, or from a base backup) it is the latest one, while redo may read a
+/// block of the window between the frontier at the redo start and the latest one
+/// before the record that re-keyed it is replayed, and that block may be on disk
+/// under either key.  Validity is PostgreSQL's own test of a page read from
+/// disk: all zeros, or a sane header (and the checksum, when data checksums are on).
+pub fn decrypt_either(
+    first: Option<&PageCipher>,
+    second: Option<&PageCipher>,
+    fork: pg_sys::ForkNumber::Type,
+    block: u32,
+    page: &mut [u8],
+) {
+    let tweak = crate::smgr::tweak_fork(fork);
+    let mut original = [0u8; tde_core::PAGE_SIZE];
+    original.copy_from_slice(page);
+    if let Some(c) = first {
+        c.decrypt_page(tweak, block, page);
+    }
+    if page_is_valid(page, block) {
+        return;
+    }
+    if let Some(c) = second {
+        c.decrypt_page(tweak, block, &mut original);
+    }
+    if page_is_valid(&mut original, block) {
+        page.copy_from_slice(&original);
+    }
+}
+
+/// PostgreSQL's test of a page read from disk (`PageIsVerified`): all zeros, or a
+/// header with the layout version and sane pointers, and the checksum if enabled.
+fn page_is_valid(page: &mut [u8], block: u32) -> bool {
+    if tde_core::is_all_zero(page) {
+        return true;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([page[o], page[o + 1]]);
+    let (checksum, flags, lower, upper, special, size_version) =
+        (u16_at(8), u16_at(10), u16_at(12), u16_at(14), u16_at(16), u16_at(18));
+    let header_ok = size_version == 0x2004
+        && flags & !0x0007 == 0
+        && lower >= 24
+        && lower <= upper
+        && upper <= special
+        && usize::from(special) <= tde_core::PAGE_SIZE;
+    if !header_ok {
+        return false;
+    }
+    // SAFETY: reads the control file's flag; pg_checksum_page only reads the page
+    // (it zeroes and restores the checksum field in place).
+    unsafe {
+        !pg_sys::DataChecksumsEnabled()
+            || crate::ffi::pg_checksum_page(page.as_mut_ptr() as *mut std::ffi::c_char, block) == checksum
     }
 }
 
@@ -687,8 +764,20 @@ pub fn file_cipher(id: FileId, temp: bool) -> Result<Option<Arc<FileKey>>> {
         if let Some(c) = local.files.get(&id) {
             return Ok(c.clone());
         }
-        let found = find_entry(id)?;
-        let rekeying = crate::rekey::record_of(id)?;
+        // The key map and the re-keying state are read as one: the end of a
+        // re-keying changes both (see crate::rekey::seq_begin).
+        let (found, rekeying) = loop {
+            let seq = crate::rekey::seq();
+            if seq % 2 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let found = find_entry(id)?;
+            let rekeying = crate::rekey::record_of(id)?;
+            if crate::rekey::seq() == seq {
+                break (found, rekeying);
+            }
+        };
         let cipher = match (found, rekeying) {
             (None, None) => None,
             (Some((header, entry)), None) => {
@@ -814,17 +903,16 @@ pub fn remove_file_key(id: FileId, temp: bool) -> Result<()> {
         LOCAL.with(|cell| cell.borrow_mut().temp.remove(&id));
         return Ok(());
     }
-    crate::rekey::forget_file(id)?;
     let path = map_path(id.db);
-    if !path.exists() {
-        return Ok(());
+    if path.exists() {
+        with_key_files_lock(|| {
+            if keymap::remove_entry(&path, id.spc, id.rel)? {
+                bump_generation();
+            }
+            Ok::<(), TdeError>(())
+        })?;
     }
-    with_key_files_lock(|| {
-        if keymap::remove_entry(&path, id.spc, id.rel)? {
-            bump_generation();
-        }
-        Ok(())
-    })
+    crate::rekey::forget_file(id)
 }
 
 /// Remove a key map (a database's principal key, or the default or server
@@ -840,7 +928,7 @@ pub fn remove_map(db_oid: u32) -> Result<()> {
 fn remove_map_checked(db_oid: u32, only_if_unused: bool) -> Result<bool> {
     let before = database_header(db_oid).ok().flatten();
     let removed = with_key_files_lock(|| {
-        if only_if_unused && relation_key_count(db_oid)? > 0 {
+        if only_if_unused && (relation_key_count(db_oid)? > 0 || crate::rekey::in_progress(db_oid)?) {
             return Ok(false);
         }
         rmgr::log_map_remove(db_oid);
@@ -856,6 +944,9 @@ fn remove_map_checked(db_oid: u32, only_if_unused: bool) -> Result<bool> {
 }
 
 fn remove_map_file(db_oid: u32) -> Result<()> {
+    if db_oid != SERVER_KEY_DB && db_oid != DEFAULT_KEY_DB {
+        crate::rekey::forget_database(db_oid)?;
+    }
     match std::fs::remove_file(map_path(db_oid)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -1,5 +1,5 @@
 //! Online re-keying: rotate the internal keys of a live table, or encrypt or decrypt
-//! it, with no lock stronger than VACUUM's (`SHARE UPDATE EXCLUSIVE`).
+//! it, under VACUUM's lock (`SHARE UPDATE EXCLUSIVE`).
 //!
 //! Every file of the table (heap, TOAST table and index, indexes, owned sequences)
 //! moves in turn from its *old* key to a *new* one; either may be "plaintext" (online
@@ -21,8 +21,16 @@
 //! batch. When every fork is done, one record makes the new key the file's key-map entry
 //! (or removes the entry) and forgets the re-keying.
 //!
-//! The walk runs in the calling session; it can be cancelled between batches and a
-//! later call continues from the frontier, also after a restart or a crash.
+//! After a crash (and on a standby, and in a base backup) the recorded frontier is
+//! the latest one, but redo may read a block of the last stretch before the record
+//! that re-keyed it is replayed, and that block may be on disk under either key: a
+//! page that is not valid under the key the frontier says is tried under the other
+//! (`keys::decrypt_either`).
+//!
+//! Encryption and decryption end with a brief ACCESS EXCLUSIVE lock to switch the
+//! table's access method. The walk runs in the calling session (or, with
+//! `wait => false`, in a background worker); it can be cancelled between batches and
+//! a later call continues from the frontier, also after a restart or a crash.
 
 use std::time::Duration;
 
@@ -62,6 +70,8 @@ pub struct RekeySlot {
     rel: u32,
     frontier: u64,
     relid: u32,
+    /// The process walking the file (0: none).
+    pid: i32,
     done: u64,
     total: u64,
 }
@@ -83,6 +93,7 @@ impl Default for RekeyTable {
             rel: 0,
             frontier: 0,
             relid: 0,
+            pid: 0,
             done: 0,
             total: 0,
         };
@@ -97,6 +108,7 @@ static REKEY: PgLwLock<RekeyTable> = unsafe { PgLwLock::new(c"pg_tde_rekey") };
 
 pub fn init_shmem() {
     pg_shmem_init!(REKEY);
+    pg_shmem_init!(REKEY_SEQ);
 }
 
 impl RekeySlot {
@@ -146,6 +158,7 @@ fn slot_for(id: FileId, record: &RekeyRecord) -> Result<usize> {
         rel: id.rel,
         frontier: record.frontier.to_u64(),
         relid: 0,
+        pid: 0,
         done: 0,
         total: 0,
     };
@@ -170,6 +183,8 @@ fn set_progress(id: FileId, relid: u32, state: u8, done: u64, total: u64) {
     let mut table = REKEY.exclusive();
     if let Some(s) = table.slots.iter_mut().find(|s| s.is(id)) {
         s.relid = relid;
+        // SAFETY: a plain read of a process global.
+        s.pid = unsafe { (&raw const pg_sys::MyProcPid).read() };
         s.state = state;
         s.done = done;
         s.total = total;
@@ -185,41 +200,80 @@ pub fn in_progress(db: u32) -> Result<bool> {
 // ---------------------------------------------------------------------------
 // WAL records (see crate::rmgr) and their redo.
 
-/// Change the record of one file in the state file: WAL first, then the file.
-fn log_and_write_state(db: u32, records: &[RekeyRecord], map_change: Option<MapChange>) -> Result<()> {
-    let bytes = state::to_bytes(records);
-    crate::rmgr::log_rekey_state(db, map_change.as_ref(), &bytes);
-    apply_state(db, map_change.as_ref(), records)
-}
-
 /// What the end of a re-keying does to the key map.
 pub enum MapChange {
     Put(KeyMapEntry),
     Remove { spc: u32, rel: u32 },
 }
 
-/// Apply a state record: the key-map change first (a crash after it leaves a record
-/// whose old and new keys agree), then the state file, then shared memory.
-pub fn apply_state(db: u32, map_change: Option<&MapChange>, records: &[RekeyRecord]) -> Result<()> {
-    keys::with_key_files_lock(|| {
-        match map_change {
-            Some(MapChange::Put(entry)) => keymap::put_entry(&keys::map_path(db), entry)?,
-            Some(MapChange::Remove { spc, rel }) => {
-                keymap::remove_entry(&keys::map_path(db), *spc, *rel)?;
+/// A change to a database's re-keying state, WAL-logged, and applied the same way
+/// by the primary and by redo: one file's re-keying begins, or ends with its
+/// key-map change.  (The frontier moves with the batch records.)
+pub enum StateOp {
+    Start(RekeyRecord),
+    Finish { spc: u32, rel: u32, change: MapChange },
+}
+
+/// Readers of the key map and the re-keying state (`keys::file_cipher`) read both
+/// as one: the end of a re-keying makes the counter odd while it changes them.
+static REKEY_SEQ: pgrx::PgAtomic<std::sync::atomic::AtomicU64> = unsafe { pgrx::PgAtomic::new(c"pg_tde_rekey_seq") };
+
+pub fn seq() -> u64 {
+    REKEY_SEQ.get().load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Apply a state change to the files, with the key-files lock held.
+fn apply_op_locked(db: u32, op: &StateOp) -> Result<()> {
+    let path = rekey_path(db);
+    let mut records = state::read(&path)?;
+    match op {
+        StateOp::Start(r) => {
+            if !records.iter().any(|x| x.spc_oid == r.spc_oid && x.rel_number == r.rel_number) {
+                records.push(r.clone());
+                state::write(&path, &records)?;
             }
-            None => {}
         }
-        state::write(&rekey_path(db), records)
-    })?;
-    // Slots of files no longer re-keyed go; the others keep their (newer) frontier.
-    let mut table = REKEY.exclusive();
-    for s in table.slots.iter_mut().filter(|s| s.in_use && s.db == db) {
-        if !records.iter().any(|r| r.spc_oid == s.spc && r.rel_number == s.rel) {
-            s.in_use = false;
+        StateOp::Finish { spc, rel, change } => {
+            REKEY_SEQ.get().fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let result = (|| {
+                // The key map first: a crash before the state file changes leaves a
+                // record whose old and new keys are the same.
+                let map = keys::map_path(db);
+                let changed = match change {
+                    MapChange::Put(entry) => keymap::put_entry(&map, entry),
+                    MapChange::Remove { spc, rel } => keymap::remove_entry(&map, *spc, *rel).map(|_| ()),
+                };
+                match changed {
+                    Ok(()) => {}
+                    // The map was removed later in the WAL (the database was dropped).
+                    Err(TdeError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                records.retain(|x| !(x.spc_oid == *spc && x.rel_number == *rel));
+                state::write(&path, &records)
+            })();
+            REKEY_SEQ.get().fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            result?;
+            free_slot(FileId { spc: *spc, db, rel: *rel });
         }
     }
-    drop(table);
     keys::invalidate_local_keys();
+    Ok(())
+}
+
+/// Redo of a state change.
+pub fn redo_op(db: u32, op: &StateOp) -> Result<()> {
+    keys::with_key_files_lock(|| apply_op_locked(db, op))
+}
+
+/// Forget every re-keying of a database whose key map goes away (the database
+/// was dropped); on the primary and in redo.
+pub fn forget_database(db: u32) -> Result<()> {
+    state::write(&rekey_path(db), &[])?;
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| s.in_use && s.db == db) {
+        s.in_use = false;
+    }
     Ok(())
 }
 
@@ -337,20 +391,38 @@ fn start_file(target: &Target, mode: RekeyMode) -> Result<Option<RekeyRecord>> {
         RekeyMode::Encrypt if has_key => return Ok(None),
         _ => {}
     }
+    {
+        let table = REKEY.share();
+        if table.slots.iter().filter(|s| s.in_use).count() >= SLOTS - 8 {
+            return Err(TdeError::Invalid(format!(
+                "too many relation files are being re-keyed at once (at most {})",
+                SLOTS - 8
+            )));
+        }
+    }
+    // Sealed outside the lock (the principal key may have to be fetched); stored
+    // only if the principal key did not change meanwhile.
+    let header = keys::database_header(id.db)?;
     let new_entry = match mode {
         RekeyMode::Decrypt => None,
         _ => {
-            let header = keys::database_header(id.db)?
+            let h = header
+                .as_ref()
                 .ok_or_else(|| TdeError::NotFound(format!("principal key not configured for database {}", id.db)))?;
-            let pk = keys::verified_principal(&header)?;
+            let pk = keys::verified_principal(h)?;
             let relkey = RelKey::generate(crate::gucs::cipher())?;
             Some(KeyMapEntry::seal(id.db, id.spc, id.rel, &relkey, &pk)?)
         }
     };
     let record = RekeyRecord { spc_oid: id.spc, rel_number: id.rel, mode, frontier: Frontier::default(), new_entry };
-    let mut records = state::read(&rekey_path(id.db))?;
-    state::put(&mut records, record.clone());
-    log_and_write_state(id.db, &records, None)?;
+    keys::with_key_files_lock(|| {
+        if keys::database_header(id.db)? != header {
+            return Err(TdeError::Invalid("the principal key changed while the re-keying started; retry".into()));
+        }
+        let op = StateOp::Start(record.clone());
+        crate::rmgr::log_rekey_op(id.db, &op);
+        apply_op_locked(id.db, &op)
+    })?;
     // The frontier's slot exists from now on (the walk moves it).
     record_of(id)?;
     Ok(Some(record))
@@ -358,13 +430,15 @@ fn start_file(target: &Target, mode: RekeyMode) -> Result<Option<RekeyRecord>> {
 
 /// Finish a file whose frontier has passed every fork.
 fn finish_file(id: FileId, record: &RekeyRecord) -> Result<()> {
-    let mut records = state::read(&rekey_path(id.db))?;
-    records.retain(|r| !(r.spc_oid == id.spc && r.rel_number == id.rel));
     let change = match &record.new_entry {
         Some(e) => MapChange::Put(e.clone()),
         None => MapChange::Remove { spc: id.spc, rel: id.rel },
     };
-    log_and_write_state(id.db, &records, Some(change))
+    let op = StateOp::Finish { spc: id.spc, rel: id.rel, change };
+    keys::with_key_files_lock(|| {
+        crate::rmgr::log_rekey_op(id.db, &op);
+        apply_op_locked(id.db, &op)
+    })
 }
 
 /// Throttle: cost per block written, sleep when the limit is reached (like VACUUM).
@@ -405,29 +479,26 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
         let total: u64 = (0..FORKS).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
         let mut frontier = record.frontier;
         while frontier.fork < FORKS {
+            pgrx::check_for_interrupts!();
             let fork = frontier.fork;
-            if !fork_exists(rel, fork) {
-                frontier = Frontier { fork: fork + 1, block: 0 };
-                continue;
-            }
-            let n = nblocks(rel, fork);
+            let n = if fork_exists(rel, fork) { nblocks(rel, fork) } else { 0 };
             if frontier.block < n {
                 let (start, end) = (frontier.block, (frontier.block + BATCH).min(n));
-                rekey_batch(rel, id, fork, start, end)?;
+                let end = rekey_batch(rel, id, fork, start, end)?;
                 frontier = Frontier { fork, block: end };
                 let before: u64 = (0..fork).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
                 set_progress(id, target.relid.to_u32(), 1, before + u64::from(end), total);
                 throttle.charge(end - start);
-                pgrx::check_for_interrupts!();
                 crate::gucs::crash_point("rekey_batch");
                 continue;
             }
-            // The fork is done up to its end: move on to the next under the extension
-            // lock, so that nothing is appended under the old key meanwhile.
+            // The fork is done up to its end (or does not exist): move on to the next
+            // under the extension lock, which also creates forks, so that nothing is
+            // appended or created under the old key meanwhile.
             // SAFETY: rel is open; the lock is released below.
             unsafe { pg_sys::LockRelationForExtension(rel, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
-            let n_now = nblocks(rel, fork);
-            if n_now == frontier.block {
+            let n_now = if fork_exists(rel, fork) { nblocks(rel, fork) } else { 0 };
+            if n_now <= frontier.block {
                 let next = Frontier { fork: fork + 1, block: 0 };
                 log_frontier_only(id, next);
                 frontier = next;
@@ -462,17 +533,18 @@ fn set_page_lsn(page: pg_sys::Page, lsn: pg_sys::XLogRecPtr) {
     }
 }
 
-/// Move the frontier over blocks `[start, end)` of `fork`: lock them, log their images
-/// with the new frontier, move it, release them.  `start == end` logs nothing.
-fn rekey_batch(rel: pg_sys::Relation, id: FileId, fork: u8, start: u32, end: u32) -> Result<()> {
-    if start >= end {
-        return Ok(());
-    }
-    let frontier = Frontier { fork, block: end };
+/// Move the frontier over blocks `[start, end)` of `fork`, or the first part of
+/// them: lock them, log their images with the new frontier, move it, release
+/// them.  Returns where the frontier is now.  The first block is locked waiting;
+/// the others only if they are free at once (the batch ends before the first that
+/// is not), as other backends lock pages in other orders (index splits, hash
+/// metapages) and a wait there could deadlock.
+fn rekey_batch(rel: pg_sys::Relation, id: FileId, fork: u8, start: u32, end: u32) -> Result<u32> {
     let mut buffers = Vec::with_capacity((end - start) as usize);
     // SAFETY: rel is open; every buffer pinned here is locked, logged and released
-    // below; the critical section contains no call that can fail but XLogInsert
-    // itself, whose failure there is a PANIC as everywhere in PostgreSQL.
+    // below; the critical section contains no call that can fail but XLogInsert and
+    // the state file's write, whose failure there is a PANIC (recovery then replays
+    // the record).
     unsafe {
         for block in start..end {
             let buf = pg_sys::ReadBufferExtended(
@@ -482,9 +554,16 @@ fn rekey_batch(rel: pg_sys::Relation, id: FileId, fork: u8, start: u32, end: u32
                 pg_sys::ReadBufferMode::RBM_NORMAL,
                 std::ptr::null_mut(),
             );
-            pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
+            if buffers.is_empty() {
+                pg_sys::LockBuffer(buf, pg_sys::BUFFER_LOCK_EXCLUSIVE as i32);
+            } else if !pg_sys::ConditionalLockBuffer(buf) {
+                pg_sys::ReleaseBuffer(buf);
+                break;
+            }
             buffers.push(buf);
         }
+        let end = start + buffers.len() as u32;
+        let frontier = Frontier { fork, block: end };
         pg_sys::XLogEnsureRecordSpace(buffers.len() as i32, 0);
         pg_sys::XLogBeginInsert();
         let payload = crate::rmgr::batch_payload(id, frontier);
@@ -503,45 +582,53 @@ fn rekey_batch(rel: pg_sys::Relation, id: FileId, fork: u8, start: u32, end: u32
                 set_page_lsn(page, lsn);
             }
         }
-        set_frontier(id, frontier);
         pg_sys::XLogFlush(lsn);
-        // Still in the critical section: the file must follow the record, or the
-        // server restarts and replays it.
-        if let Err(e) = write_frontier(id, frontier) {
-            pgrx::ereport!(
-                PgLogLevel::PANIC,
-                PgSqlErrorCode::ERRCODE_IO_ERROR,
-                format!("pg_tde: could not record the re-keying frontier of {}/{}/{}: {e}", id.spc, id.db, id.rel)
-            );
-        }
+        move_frontier(id, frontier);
         pg_sys::CritSectionCount -= 1;
         for buf in buffers {
             pg_sys::UnlockReleaseBuffer(buf);
         }
+        Ok(end)
     }
-    Ok(())
 }
 
-/// Move the frontier past a fork with no blocks left (no images).
+/// Move the frontier past a fork with no blocks left (no images), under the
+/// relation's extension lock.
 fn log_frontier_only(id: FileId, frontier: Frontier) {
-    // SAFETY: a record without block references.
+    // SAFETY: a record without block references; the critical section turns a
+    // failure to record the frontier into a PANIC (recovery replays the record).
     unsafe {
         pg_sys::XLogBeginInsert();
         let payload = crate::rmgr::batch_payload(id, frontier);
         pg_sys::XLogRegisterData(payload.as_ptr() as _, payload.len() as u32);
         let lsn = pg_sys::XLogInsert(crate::rmgr::RM_TDE_ID, crate::rmgr::XLOG_TDE_REKEY_BATCH);
         pg_sys::XLogFlush(lsn);
+        pg_sys::CritSectionCount += 1;
+        move_frontier(id, frontier);
+        pg_sys::CritSectionCount -= 1;
+    }
+}
+
+/// Record a new frontier in the state file, then in shared memory.  Called in a
+/// critical section after its WAL record is flushed: a failure is a PANIC.
+fn move_frontier(id: FileId, frontier: Frontier) {
+    if let Err(e) = write_frontier(id, frontier) {
+        pgrx::ereport!(
+            PgLogLevel::PANIC,
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("pg_tde: could not record the re-keying frontier of {}/{}/{}: {e}", id.spc, id.db, id.rel)
+        );
     }
     set_frontier(id, frontier);
-    write_frontier(id, frontier).or_raise();
 }
 
 fn write_frontier(id: FileId, frontier: Frontier) -> Result<()> {
     let path = rekey_path(id.db);
     keys::with_key_files_lock(|| {
         let mut records = state::read(&path)?;
-        if let Some(r) = records.iter_mut().find(|r| r.spc_oid == id.spc && r.rel_number == id.rel) {
-            r.frontier = frontier;
+        match records.iter_mut().find(|r| r.spc_oid == id.spc && r.rel_number == id.rel) {
+            Some(r) if frontier > r.frontier => r.frontier = frontier,
+            _ => return Ok(()),
         }
         state::write(&path, &records)
     })
@@ -557,12 +644,65 @@ fn spi_failed(e: pgrx::spi::SpiError) -> ! {
 fn run(relation: pg_sys::Oid, mode: RekeyMode, wait: bool) {
     crate::api::require_key_admin(&format!("{} a relation online", mode.name()));
     if !wait {
+        start_worker(relation, mode);
+        return;
+    }
+    walk_relation(relation, mode);
+}
+
+/// Run the walk in a background worker connected to this database as this user,
+/// and return at once (`wait => false`).
+fn start_worker(relation: pg_sys::Oid, mode: RekeyMode) {
+    // SAFETY: plain reads of backend globals.
+    let (db, user) = unsafe { ((&raw const pg_sys::MyDatabaseId).read(), pg_sys::GetUserId()) };
+    let extra = format!("{} {} {} {}", db.to_u32(), user.to_u32(), relation.to_u32(), mode as u8);
+    let started = pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_tde re-keying")
+        .set_type("pg_tde re-keying")
+        .set_library("pg_tde")
+        .set_function("pg_tde_rekey_worker_main")
+        .enable_spi_access()
+        .set_extra(&extra)
+        .set_restart_time(None)
+        .load_dynamic();
+    if started.is_err() {
         raise_with(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "wait => false is not supported yet: the walk runs in the calling session",
-            Some("Call it with wait => true (the default) from a session of its own; it can be cancelled and continues where it stopped when called again."),
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "could not start a background worker for the re-keying",
+            Some("Raise max_worker_processes, or call the function with wait => true."),
         );
     }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tde_rekey_worker_main(_arg: pg_sys::Datum) {
+    use pgrx::bgworkers::BackgroundWorker;
+    // SIGTERM (pg_terminate_backend, shutdown) as in a backend: the walk stops at
+    // its next interrupt check, between batches, and a later call continues.
+    // SAFETY: installs PostgreSQL's own handler, then unblocks signals.
+    unsafe {
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(crate::ffi::die));
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(crate::ffi::die));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let parts: Vec<u32> = BackgroundWorker::get_extra().split(' ').filter_map(|p| p.parse().ok()).collect();
+    let [db, user, relation, mode] = parts[..] else {
+        pgrx::warning!("pg_tde re-keying worker started without its arguments");
+        return;
+    };
+    let mode = match mode {
+        1 => RekeyMode::Rotate,
+        2 => RekeyMode::Encrypt,
+        _ => RekeyMode::Decrypt,
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), Some(pg_sys::Oid::from(user)));
+    BackgroundWorker::transaction(|| walk_relation(pg_sys::Oid::from(relation), mode));
+    pgrx::log!("pg_tde: {} of relation {relation} finished", mode.name());
+}
+
+fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode) {
     // SAFETY: reads shared recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         raise_with(
@@ -705,9 +845,11 @@ fn rekey_status() -> TableIterator<
                 2 => "encrypt",
                 _ => "decrypt",
             };
+            // SAFETY: looks a process up in the proc array.
+            let alive = s.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() };
             let state = match s.state {
-                1 => "running",
-                2 => "interrupted",
+                1 if alive => "running",
+                1 | 2 => "interrupted",
                 _ => "waiting",
             };
             (

@@ -114,43 +114,51 @@ fn parse_batch_payload(data: &[u8]) -> tde_core::Result<(crate::keys::FileId, td
     Ok((crate::keys::FileId { db: u(0), spc: u(4), rel: u(8) }, tde_core::rekey::Frontier::from_u64(f)))
 }
 
-/// Log a database's re-keying state file, with the key-map change (if any) that
-/// ends a file's re-keying.
-pub fn log_rekey_state(db: u32, change: Option<&crate::rekey::MapChange>, state: &[u8]) {
-    let mut head = db.to_le_bytes().to_vec();
-    match change {
-        None => head.push(0),
-        Some(crate::rekey::MapChange::Put(e)) => {
-            head.push(1);
-            head.extend_from_slice(&keymap::entry_to_bytes(e));
+/// Log a change to a database's re-keying state (see `crate::rekey::StateOp`).
+pub fn log_rekey_op(db: u32, op: &crate::rekey::StateOp) {
+    use crate::rekey::{MapChange, StateOp};
+    let mut payload = db.to_le_bytes().to_vec();
+    match op {
+        StateOp::Start(r) => {
+            payload.push(0);
+            payload.extend_from_slice(&tde_core::rekey::to_bytes(std::slice::from_ref(r)));
         }
-        Some(crate::rekey::MapChange::Remove { spc, rel }) => {
-            head.push(2);
-            head.extend_from_slice(&spc.to_le_bytes());
-            head.extend_from_slice(&rel.to_le_bytes());
+        StateOp::Finish { spc, rel, change } => {
+            payload.extend_from_slice(&[if matches!(change, MapChange::Put(_)) { 1 } else { 2 }]);
+            payload.extend_from_slice(&spc.to_le_bytes());
+            payload.extend_from_slice(&rel.to_le_bytes());
+            if let MapChange::Put(e) = change {
+                payload.extend_from_slice(&keymap::entry_to_bytes(e));
+            }
         }
     }
-    insert(XLOG_TDE_REKEY_STATE, &[&head, state]);
+    insert(XLOG_TDE_REKEY_STATE, &[&payload]);
 }
 
 fn redo_rekey_state(data: &[u8]) -> tde_core::Result<()> {
+    use crate::rekey::{MapChange, StateOp};
     let corrupt = || tde_core::TdeError::Corrupt("pg_tde re-keying state record is damaged".into());
     let (db, rest) = split_db(data);
     let (&tag, rest) = rest.split_first().ok_or_else(corrupt)?;
-    let (change, rest) = match tag {
-        0 => (None, rest),
-        1 if rest.len() >= keymap::ENTRY_SIZE => (
-            Some(crate::rekey::MapChange::Put(keymap::entry_from_bytes(&rest[..keymap::ENTRY_SIZE])?)),
-            &rest[keymap::ENTRY_SIZE..],
-        ),
-        2 if rest.len() >= 8 => {
+    let op = match tag {
+        0 => {
+            let mut records = tde_core::rekey::from_bytes(rest)?;
+            let r = records.pop().ok_or_else(corrupt)?;
+            StateOp::Start(r)
+        }
+        1 | 2 if rest.len() >= 8 => {
             let u = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().unwrap_or([0; 4]));
-            (Some(crate::rekey::MapChange::Remove { spc: u(0), rel: u(4) }), &rest[8..])
+            let (spc, rel) = (u(0), u(4));
+            let change = if tag == 1 {
+                MapChange::Put(keymap::entry_from_bytes(rest.get(8..8 + keymap::ENTRY_SIZE).ok_or_else(corrupt)?)?)
+            } else {
+                MapChange::Remove { spc, rel }
+            };
+            StateOp::Finish { spc, rel, change }
         }
         _ => return Err(corrupt()),
     };
-    let records = tde_core::rekey::from_bytes(rest)?;
-    crate::rekey::apply_state(db, change.as_ref(), &records)
+    crate::rekey::redo_op(db, &op)
 }
 
 /// Redo of a re-keying batch: restore the images (the buffers stay locked), move the
@@ -265,7 +273,9 @@ unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sy
         }
         XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
         XLOG_TDE_PROVIDERS | XLOG_TDE_ENVELOPES => format!("{} bytes", data.len()),
-        XLOG_TDE_REKEY_STATE if data.len() >= 5 => format!("db {} map change {}", split_db(data).0, data[4]),
+        XLOG_TDE_REKEY_STATE if data.len() >= 5 => {
+            format!("db {} {}", split_db(data).0, if data[4] == 0 { "start" } else { "finish" })
+        }
         XLOG_TDE_REKEY_BATCH => match parse_batch_payload(data) {
             Ok((id, f)) => format!("file {}/{}/{} frontier fork {} block {}", id.spc, id.db, id.rel, f.fork, f.block),
             Err(_) => String::new(),

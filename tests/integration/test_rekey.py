@@ -267,3 +267,51 @@ def test_rekey_refusals(tde):
     e = c.sql_error("SET ROLE nobody; SELECT pg_tde_rotate_relation_key('u')")
     assert e.sqlstate == "42501", e.output
     c.sql("SELECT pg_tde_rotate_relation_key('u')")  # an empty table
+
+
+def test_rotation_in_the_background(tde):
+    """wait => false: a background worker does the walk; the call returns at once."""
+    c = tde
+    setup_table(c, "b", "tde_heap", rows=5000)
+    before = digest(c, "b", 5000)
+    c.checkpoint()
+    nodes = filenodes(c, "b")
+    _, old = parse_keymap(keys_path(c).read_bytes())
+    c.sql("SELECT pg_tde_rotate_relation_key('b', wait => false)")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        _, new = parse_keymap(keys_path(c).read_bytes())
+        if all(new[k][1] != old[k][1] for k in old if k[1] in nodes) and \
+                c.sql("SELECT count(*) FROM pg_tde_rekey_status()") == "0":
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the background re-keying did not finish")
+    assert digest(c, "b", 5000) == before
+    assert "relation_key_rotated" in c.logfile.read_text(errors="replace")
+
+
+def test_cancelled_walk_continues(tde):
+    """A cancelled walk leaves the table consistent and partly re-keyed; the next
+    call continues from the frontier."""
+    c = tde
+    setup_table(c, "k", "tde_heap", rows=20000)
+    before = digest(c, "k", 20000)
+    walk = subprocess.Popen(
+        c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", "SELECT pg_tde_rotate_relation_key('k')"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_progress(c)
+    c.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_tde_rotate_relation_key%' "
+          "AND pid <> pg_backend_pid()")
+    walk.wait(timeout=60)
+    assert b"canceling statement" in walk.stderr.read()
+    progress = c.sql("SELECT state || ':' || blocks_done FROM pg_tde_rekey_progress")
+    assert progress.startswith("interrupted:"), progress
+    assert digest(c, "k", 20000) == before
+    c.sql("INSERT INTO k VALUES (30000, 'between', NULL)")
+    c.sql("SELECT pg_tde_rotate_relation_key('k')")
+    assert c.sql("SELECT count(*) FROM pg_tde_rekey_progress") == "0"
+    assert digest(c, "k", 20000) == before
+    amcheck(c, "k")
+    c.restart()
+    assert c.sql("SELECT v FROM k WHERE id = 30000") == "between"
