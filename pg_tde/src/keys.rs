@@ -550,6 +550,7 @@ impl KeyPart {
         KeyPart { cipher: PageCipher::new(key), key_bytes: key.to_bytes() }
     }
 
+    #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
     pub fn page_cipher(&self) -> &PageCipher {
         &self.cipher
     }
@@ -598,11 +599,13 @@ impl FileKey {
     }
 
     /// The key outside re-keying, or the old one.
+    #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
     pub fn old_part(&self) -> Option<&KeyPart> {
         self.old.as_ref()
     }
 
     /// While re-keying: the frontier slot, the file and the new key.
+    #[cfg_attr(not(feature = "pg18"), allow(dead_code))]
     pub fn rekey_parts(&self) -> Option<(usize, FileId, Option<&KeyPart>)> {
         self.rekey.as_ref().map(|(slot, id, new)| (*slot, *id, new.as_ref()))
     }
