@@ -29,7 +29,10 @@ def pgbench(c: Cluster, duration: int, clients: int) -> float:
     out = subprocess.run(
         [str(BIN / "pgbench"), "-h", str(c.sockdir), "-p", str(c.port), "-U", "postgres",
          "-c", str(clients), "-j", "2", "-T", str(duration), "-n", "postgres"],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {out.stderr[-2000:]}")
+    out = out.stdout
     return float(re.search(r"tps = ([0-9.]+)", out).group(1))
 
 

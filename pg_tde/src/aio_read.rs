@@ -308,7 +308,9 @@ struct ExpandedKeys {
 
 impl ExpandedKeys {
     /// Where the expanded cipher of a key is, expanding it into the cache on a miss.
-    fn index(&mut self, cipher_id: u32, bytes: &[u8]) -> Option<usize> {
+    /// `keep`: an entry this call must not evict (the other key of a read of a
+    /// file being re-keyed, expanded just before).
+    fn index(&mut self, cipher_id: u32, bytes: &[u8], keep: Option<usize>) -> Option<usize> {
         let len = bytes.len().min(MAX_KEY_BYTES);
         let bytes = &bytes[..len];
         let hit = self
@@ -324,7 +326,10 @@ impl ExpandedKeys {
                     return None;
                 }
                 let relkey = RelKey::from_bytes(cipher, bytes).ok()?;
-                let i = self.next_victim;
+                let mut i = self.next_victim;
+                if keep == Some(i) {
+                    i = (i + 1) % EXPANDED_KEYS;
+                }
                 self.next_victim = (i + 1) % EXPANDED_KEYS;
                 let mut key = [0u8; MAX_KEY_BYTES];
                 key[..len].copy_from_slice(bytes);
@@ -363,13 +368,19 @@ fn resolve<'a>(p: &'a PartCipher, cache: Option<&'a ExpandedKeys>) -> Option<&'a
     }
 }
 
-fn part_cipher(cache: Option<&mut ExpandedKeys>, cipher_id: u32, len: u32, key: &[u8; MAX_KEY_BYTES]) -> PartCipher {
+fn part_cipher(
+    cache: Option<&mut ExpandedKeys>,
+    cipher_id: u32,
+    len: u32,
+    key: &[u8; MAX_KEY_BYTES],
+    keep: Option<usize>,
+) -> PartCipher {
     if len == 0 {
         return PartCipher::Plain;
     }
     let bytes = &key[..(len as usize).min(MAX_KEY_BYTES)];
     match cache {
-        Some(cache) => cache.index(cipher_id, bytes).map_or(PartCipher::Missing, PartCipher::Cached),
+        Some(cache) => cache.index(cipher_id, bytes, keep).map_or(PartCipher::Missing, PartCipher::Cached),
         None => Cipher::from_u32(cipher_id)
             .and_then(|c| RelKey::from_bytes(c, bytes).ok())
             .map_or(PartCipher::Missing, |k| PartCipher::Own(PageCipher::new(&k))),
@@ -401,9 +412,14 @@ unsafe fn complete_from_slot(
     } else {
         EXPANDED.with(|cell| {
             let mut borrowed = cell.try_borrow_mut().ok();
-            let old = part_cipher(borrowed.as_deref_mut(), slot.cipher, slot.key_len, &slot.key);
+            let old = part_cipher(borrowed.as_deref_mut(), slot.cipher, slot.key_len, &slot.key, None);
+            // The new key must not take the old one's place in the cache.
+            let keep = match old {
+                PartCipher::Cached(i) => Some(i),
+                _ => None,
+            };
             let new = if slot.rekey_slot >= 0 {
-                part_cipher(borrowed.as_deref_mut(), slot.new_cipher, slot.new_key_len, &slot.new_key)
+                part_cipher(borrowed.as_deref_mut(), slot.new_cipher, slot.new_key_len, &slot.new_key, keep)
             } else {
                 PartCipher::Plain
             };
