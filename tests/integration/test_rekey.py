@@ -308,6 +308,13 @@ def test_cancelled_walk_continues(tde):
     progress = c.sql("SELECT state || ':' || blocks_done FROM pg_tde_rekey_progress")
     assert progress.startswith("interrupted:"), progress
     assert digest(c, "k", 20000) == before
+    # the offline checksum tool refuses a data directory with an unfinished re-keying
+    from test_stock_tools import BIN, _tool
+    mode = "--check" if c.sql("SHOW data_checksums") == "on" else "--enable"
+    c.stop()
+    r = _tool(BIN / "pg_tde_checksums", mode, "-D", c.datadir)
+    assert r.returncode != 0 and "being re-keyed online" in r.stderr, r.stderr
+    c.start()
     c.sql("INSERT INTO k VALUES (30000, 'between', NULL)")
     c.sql("SELECT pg_tde_rotate_relation_key('k')")
     assert c.sql("SELECT count(*) FROM pg_tde_rekey_progress") == "0"
@@ -340,3 +347,38 @@ def test_rotation_under_reads_from_disk(clusters, keyring):
         assert load.returncode == 0, err[-2000:]
     assert c.sql("SELECT count(*) FROM pgbench_accounts") == "500000"
     amcheck(c, "pgbench_accounts")
+
+
+def test_online_encryption_survives_kill9(tde):
+    """Online encryption killed (the whole server, kill -9) at a random point of
+    the walk, with a writer running: after the restart the table reads whole, the
+    next call finishes it, and no marker is left in plaintext on disk."""
+    c = tde
+    setup_table(c, "e", "heap")
+    before = digest(c, "e")
+    writer = Writer(c, "e")
+    writer.start()
+    walk = subprocess.Popen(
+        c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", "SELECT pg_tde_encrypt_relation('e')"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_progress(c)
+    time.sleep(random.uniform(0, 1.5))
+    c.kill9()
+    walk.wait(timeout=60)
+    c.start()
+    assert c.sql("SELECT count(*) FROM pg_tde_rekey_status()") != "0", "the kill came after the walk"
+    assert c.sql("SELECT count(*) FROM e WHERE id <= 20000") == "20000", "readable mid-encryption"
+    c.sql("SELECT pg_tde_encrypt_relation('e')")
+    time.sleep(1)
+    writer.stop.set()
+    writer.join(timeout=30)
+    assert c.sql("SELECT count(*) FROM pg_tde_rekey_status()") == "0"
+    assert c.sql("SELECT pg_tde_is_encrypted('e')") == "t"
+    got = {int(x) for x in (c.sql("SELECT string_agg(id::text, ' ') FROM e WHERE id >= 100000") or "").split()}
+    assert set(writer.committed) <= got
+    assert digest(c, "e").split("/")[0] == before.split("/")[0]
+    amcheck(c, "e")
+    c.checkpoint()
+    for rel in files(c, "e"):
+        name = c.sql(f"SELECT {rel}::regclass")
+        assert not c.files_contain(name, MARKER.encode()), f"plaintext marker left in {name}"

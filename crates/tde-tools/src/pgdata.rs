@@ -306,7 +306,19 @@ impl RelationKeys {
             Err(e) => return Err(format!("could not open directory \"{}\": {e}", tde.display())),
         };
         let mut catalog = None;
-        for entry in entries.flatten() {
+        let entries: Vec<_> = entries.flatten().collect();
+        // A file being re-keyed online is under two keys split by a frontier that
+        // only the server applies: refuse rather than misread or rewrite it.
+        if let Some(r) = entries.iter().find(|e| {
+            e.file_name().to_str().is_some_and(|n| n.ends_with("_rekey"))
+                && tde_core::rekey::read(&e.path()).is_ok_and(|records| !records.is_empty())
+        }) {
+            return Err(format!(
+                "relation files are being re-keyed online (\"{}\"): finish the re-keying on the running server first (SELECT * FROM pg_tde_rekey_progress)",
+                r.path().display()
+            ));
+        }
+        for entry in entries {
             let name = entry.file_name();
             let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_keys")).and_then(|d| d.parse::<u32>().ok())
             else {
