@@ -17,7 +17,6 @@
 //! as it does for the provider catalog) and copied with base backups. Serialization is
 //! deterministic, so WAL replay writes the same bytes on every standby.
 
-use std::io::ErrorKind;
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -118,14 +117,7 @@ struct StoreFile {
 impl EnvelopeStore {
     /// Load the store from `path`; a missing file is an empty store.
     pub fn load(path: &Path) -> Result<Self> {
-        match std::fs::read(path) {
-            Ok(bytes) => Self::from_bytes(&bytes).map_err(|e| match e {
-                TdeError::Corrupt(m) => TdeError::Corrupt(format!("envelope store \"{}\": {m}", path.display())),
-                other => other,
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(TdeError::io(format!("could not read envelope store \"{}\"", path.display()), e)),
-        }
+        fsutil::load_or(path, "envelope store", Self::from_bytes, Self::default)
     }
 
     /// Serialize (deterministic JSON).

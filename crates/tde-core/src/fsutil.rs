@@ -68,6 +68,24 @@ fn write_tmp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// Load the file `what` at `path` with `parse`; a missing file is `missing()`.  A
+/// damaged file's [`TdeError::Corrupt`] message names it.
+pub(crate) fn load_or<T>(
+    path: &Path,
+    what: &str,
+    parse: impl FnOnce(&[u8]) -> Result<T>,
+    missing: impl FnOnce() -> T,
+) -> Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => parse(&bytes).map_err(|e| match e {
+            TdeError::Corrupt(m) => TdeError::Corrupt(format!("{what} \"{}\": {m}", path.display())),
+            other => other,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(missing()),
+        Err(e) => Err(TdeError::io(format!("could not read {what} \"{}\"", path.display()), e)),
+    }
+}
+
 /// Atomically replace (or create) `path` with `bytes`: tmp + fsync + rename + directory fsync.
 pub(crate) fn replace_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let tmp = write_tmp(path, bytes, mode)?;

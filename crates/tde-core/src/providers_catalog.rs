@@ -23,7 +23,6 @@
 //! byte for byte.
 
 use std::collections::HashSet;
-use std::io::ErrorKind;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -179,14 +178,7 @@ impl ProviderCatalog {
 
     /// Load the catalog from `path`; a missing file is an empty catalog.
     pub fn load(path: &Path) -> Result<Self> {
-        match std::fs::read(path) {
-            Ok(bytes) => Self::from_bytes(&bytes).map_err(|e| match e {
-                TdeError::Corrupt(m) => TdeError::Corrupt(format!("provider catalog \"{}\": {m}", path.display())),
-                other => other,
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Self::new()),
-            Err(e) => Err(TdeError::io(format!("could not read provider catalog \"{}\"", path.display()), e)),
-        }
+        fsutil::load_or(path, "provider catalog", Self::from_bytes, Self::new)
     }
 
     /// Serialize (deterministic JSON).

@@ -167,14 +167,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<RekeyRecord>> {
 
 /// Every record of the file at `path`; none if it does not exist.
 pub fn read(path: &Path) -> Result<Vec<RekeyRecord>> {
-    match std::fs::read(path) {
-        Ok(bytes) => from_bytes(&bytes).map_err(|e| match e {
-            TdeError::Corrupt(m) => TdeError::Corrupt(format!("\"{}\": {m}", path.display())),
-            other => other,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(TdeError::io(format!("reading \"{}\"", path.display()), e)),
-    }
+    fsutil::load_or(path, "re-keying state", from_bytes, Vec::new)
 }
 
 /// Replace the file at `path` with `records` (removed when there are none), atomically.

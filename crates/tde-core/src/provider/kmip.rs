@@ -745,8 +745,8 @@ mod tests {
         assert!(matches!(KmipProvider::new(o).create_key("k", 24), Err(TdeError::Invalid(_))));
     }
 
-    /// TTLV items, for hand-made server responses.
-    fn item(tag: u32, ty: u8, value: &[u8]) -> Vec<u8> {
+    /// TTLV items, for hand-made server responses (also `kmip_wrap`'s tests).
+    pub(super) fn item(tag: u32, ty: u8, value: &[u8]) -> Vec<u8> {
         let mut out = tag.to_be_bytes()[1..].to_vec();
         out.push(ty);
         out.extend_from_slice(&(value.len() as u32).to_be_bytes());
@@ -754,13 +754,13 @@ mod tests {
         out.resize(out.len().next_multiple_of(8), 0);
         out
     }
-    fn structure(tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
+    pub(super) fn structure(tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
         item(tag, 0x01, &items.concat())
     }
-    fn enumeration(tag: u32, v: u32) -> Vec<u8> {
+    pub(super) fn enumeration(tag: u32, v: u32) -> Vec<u8> {
         item(tag, 0x05, &v.to_be_bytes())
     }
-    fn integer(tag: u32, v: i32) -> Vec<u8> {
+    pub(super) fn integer(tag: u32, v: i32) -> Vec<u8> {
         item(tag, 0x02, &v.to_be_bytes())
     }
 

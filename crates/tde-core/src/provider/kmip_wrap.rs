@@ -758,6 +758,7 @@ impl KeyWrapper for KmipProvider {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{enumeration, integer, item, structure};
     use super::*;
 
     fn blob() -> Vec<u8> {
@@ -829,25 +830,6 @@ mod tests {
         }
         assert_eq!(reason_name(0x43), "Wrong Key Lifecycle State");
         assert_eq!(reason_name(0x1234), "Result Reason 0x1234");
-    }
-
-    /// TTLV items, for hand-made server responses.
-    fn item(tag: u32, ty: u8, value: &[u8]) -> Vec<u8> {
-        let mut out = tag.to_be_bytes()[1..].to_vec();
-        out.push(ty);
-        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        out.extend_from_slice(value);
-        out.resize(out.len().next_multiple_of(8), 0);
-        out
-    }
-    fn structure(tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
-        item(tag, 0x01, &items.concat())
-    }
-    fn enumeration(tag: u32, v: u32) -> Vec<u8> {
-        item(tag, 0x05, &v.to_be_bytes())
-    }
-    fn integer(tag: u32, v: i32) -> Vec<u8> {
-        item(tag, 0x02, &v.to_be_bytes())
     }
 
     fn response(op: u32, status: &[Vec<u8>], payload: Option<Vec<u8>>) -> Vec<u8> {

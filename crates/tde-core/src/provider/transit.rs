@@ -194,16 +194,7 @@ impl KeyWrapper for VaultTransitWrapper {
     }
 
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<Zeroizing<Vec<u8>>> {
-        let name = &wrapped.kms_key_id;
-        Self::check_name(name)?;
-        let url = self.url("decrypt", name);
-        let ciphertext = std::str::from_utf8(&wrapped.blob).map_err(|_| {
-            TdeError::Corrupt(format!("the envelope of Transit key \"{name}\" is not a Transit ciphertext"))
-        })?;
-        let (status, body) = self.post(&url, &CiphertextRequest { ciphertext })?;
-        if status != StatusCode::OK {
-            return Err(self.failure("decrypt", name, &url, status, &body));
-        }
+        let (url, body) = self.post_ciphertext("decrypt", wrapped)?;
         let response: PlaintextResponse = serde_json::from_slice(&body)
             .map_err(|_| self.session.error(format_args!("unexpected answer from \"{url}\": no data.plaintext")))?;
         let key = BASE64
@@ -213,17 +204,8 @@ impl KeyWrapper for VaultTransitWrapper {
     }
 
     fn rewrap(&self, wrapped: &WrappedKey) -> Result<Option<WrappedKey>> {
-        let name = &wrapped.kms_key_id;
-        Self::check_name(name)?;
-        let url = self.url("rewrap", name);
-        let ciphertext = std::str::from_utf8(&wrapped.blob).map_err(|_| {
-            TdeError::Corrupt(format!("the envelope of Transit key \"{name}\" is not a Transit ciphertext"))
-        })?;
-        let (status, body) = self.post(&url, &CiphertextRequest { ciphertext })?;
-        if status != StatusCode::OK {
-            return Err(self.failure("rewrap", name, &url, status, &body));
-        }
-        let new = self.ciphertext_of(name, &url, &body)?;
+        let (url, body) = self.post_ciphertext("rewrap", wrapped)?;
+        let new = self.ciphertext_of(&wrapped.kms_key_id, &url, &body)?;
         Ok((new.kms_key_version != wrapped.kms_key_version).then_some(new))
     }
 
@@ -265,6 +247,22 @@ impl KeyWrapper for VaultTransitWrapper {
 }
 
 impl VaultTransitWrapper {
+    /// `POST {mount}/{action}/{key}` with a wrapped key's ciphertext (`decrypt`,
+    /// `rewrap`); the URL and the body of a 200 answer.
+    fn post_ciphertext(&self, action: &str, wrapped: &WrappedKey) -> Result<(String, Zeroizing<Vec<u8>>)> {
+        let name = &wrapped.kms_key_id;
+        Self::check_name(name)?;
+        let url = self.url(action, name);
+        let ciphertext = std::str::from_utf8(&wrapped.blob).map_err(|_| {
+            TdeError::Corrupt(format!("the envelope of Transit key \"{name}\" is not a Transit ciphertext"))
+        })?;
+        let (status, body) = self.post(&url, &CiphertextRequest { ciphertext })?;
+        if status != StatusCode::OK {
+            return Err(self.failure(action, name, &url, status, &body));
+        }
+        Ok((url, body))
+    }
+
     fn ciphertext_of(&self, name: &str, url: &str, body: &[u8]) -> Result<WrappedKey> {
         let response: CiphertextResponse = serde_json::from_slice(body)
             .map_err(|_| self.session.error(format_args!("unexpected answer from \"{url}\": no data.ciphertext")))?;
