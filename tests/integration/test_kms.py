@@ -82,6 +82,16 @@ def create_and_set(c: Cluster, key: str, provider: str, scope: str = "global", d
     c.sql(f"SELECT pg_tde_set_key_using_{scope}_key_provider({q(key)}, {q(provider)})", db)
 
 
+def transit_key(c: Cluster, bao: OpenBao, name: str) -> Path:
+    """pg_tde, a Transit provider with a least-privilege token (policy `name`) and
+    a principal key `name` from it; returns the token file."""
+    c.sql("CREATE EXTENSION pg_tde")
+    token = least_privilege_token(bao, name)
+    add_transit(c, bao, token)
+    create_and_set(c, name, "transit")
+    return token
+
+
 def key_info(c: Cluster, db: str = "postgres") -> dict:
     row = c.sql("SELECT row_to_json(k) FROM pg_tde_key_info() k", db)
     return json.loads(row)
@@ -134,11 +144,8 @@ def test_transit_envelope_key_never_leaves_the_kms(cluster, bao, uniq):
     restart; a Transit key rotation re-wraps the one envelope (no relation key
     changes), after which the old key version may be retired."""
     c = cluster
-    c.sql("CREATE EXTENSION pg_tde")
-    token = least_privilege_token(bao, f"pgtde-{uniq}")
-    add_transit(c, bao, token)
     key = f"db-{uniq}"
-    create_and_set(c, key, "transit")
+    transit_key(c, bao, key)
 
     settings = bao.ok("GET", f"transit/keys/{key}")["data"]
     assert settings["exportable"] is False and settings["allow_plaintext_backup"] is False
@@ -197,12 +204,8 @@ def test_transit_revocation_fails_closed_and_recovers(cluster, bao, uniq):
     c = cluster
     c.configure("pg_tde.key_check_interval = 1")
     c.restart()
-    c.sql("CREATE EXTENSION pg_tde")
-    policy = f"pgtde-{uniq}"
-    token = least_privilege_token(bao, policy)
-    add_transit(c, bao, token)
-    key = f"rev-{uniq}"
-    create_and_set(c, key, "transit")
+    key = policy = f"rev-{uniq}"
+    token = transit_key(c, bao, key)
     marker = f"REVMARKER{uniq}"
     before = fill(c, "t", marker)
     standby = make_standby(c)
@@ -249,12 +252,9 @@ def test_transit_unreachable_warns_and_grace_revokes(cluster, uniq):
     warning; with pg_tde.key_unreachable_grace the key is dropped once the grace has
     passed, and comes back with the server."""
     c = cluster
-    c.sql("CREATE EXTENSION pg_tde")
     with openbao() as own:
         own.ok("POST", "sys/mounts/transit", {"type": "transit"})
-        token = least_privilege_token(own, f"p{uniq}")
-        add_transit(c, own, token)
-        create_and_set(c, f"u-{uniq}", "transit")
+        transit_key(c, own, f"u-{uniq}")
         before = fill(c, "t", f"UNREACH{uniq}")
         port = own.port
         own.stop()
@@ -279,13 +279,10 @@ def test_revoked_server_key_stops_writes_with_encrypted_wal(cluster, bao, uniq):
     no PANIC, the server keeps running and reading); they commit again when the
     key returns, without a restart."""
     c = cluster
-    c.sql("CREATE EXTENSION pg_tde")
     policy = f"srv-{uniq}"
-    token = least_privilege_token(bao, policy)
-    add_transit(c, bao, token)
-    create_and_set(c, f"db-{uniq}", "transit")
-    c.sql(f"SELECT pg_tde_create_key_using_global_key_provider({q('srv-' + uniq)}, 'transit')")
-    c.sql(f"SELECT pg_tde_set_server_key_using_global_key_provider({q('srv-' + uniq)}, 'transit')")
+    transit_key(c, bao, policy)
+    c.sql(f"SELECT pg_tde_create_key_using_global_key_provider({q('server-' + uniq)}, 'transit')")
+    c.sql(f"SELECT pg_tde_set_server_key_using_global_key_provider({q('server-' + uniq)}, 'transit')")
     c.configure("pg_tde.wal_encrypt = on")
     c.restart()
     before = fill(c, "t", f"SRVKEY{uniq}")
@@ -311,11 +308,8 @@ def test_revoked_server_key_stops_writes_with_encrypted_wal(cluster, bao, uniq):
 def test_deleted_transit_key_is_revoked(cluster, bao, uniq):
     """Deleting the Transit key (the KMS says it does not exist) revokes the key."""
     c = cluster
-    c.sql("CREATE EXTENSION pg_tde")
-    token = least_privilege_token(bao, f"del-{uniq}")
-    add_transit(c, bao, token)
     key = f"del-{uniq}"
-    create_and_set(c, key, "transit")
+    transit_key(c, bao, key)
     fill(c, "t", f"DELMARK{uniq}")
     bao.ok("POST", f"transit/keys/{key}/config", {"deletion_allowed": True})
     bao.ok("DELETE", f"transit/keys/{key}")

@@ -132,6 +132,21 @@ def wait_progress(c: Cluster, timeout: float = 60) -> None:
     raise AssertionError("the walk made no progress")
 
 
+def slow_walk(c: Cluster, call: str) -> subprocess.Popen:
+    """`call` (a pg_tde_*_relation call) in a session of its own, throttled."""
+    return subprocess.Popen(c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", f"SELECT {call}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def kill9_mid_walk(c: Cluster, walk: subprocess.Popen) -> None:
+    """Kill the whole server (kill -9) at a random point of a walk, then start it."""
+    wait_progress(c)
+    time.sleep(random.uniform(0, 1.5))
+    c.kill9()
+    walk.wait(timeout=60)
+    c.start()
+
+
 def amcheck(c: Cluster, table: str) -> None:
     c.sql("CREATE EXTENSION IF NOT EXISTS amcheck")
     assert c.sql(f"SELECT count(*) FROM verify_heapam('{table}')") == "0"
@@ -153,15 +168,8 @@ def test_rotation_online_under_writes_survives_kill9(tde, keyring):
 
     writer = Writer(c, "t")
     writer.start()
-    # A slowed walk, killed with the whole server at a random point of it.
-    walk = subprocess.Popen(
-        c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", "SELECT pg_tde_rotate_relation_key('t')"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_progress(c)
-    time.sleep(random.uniform(0, 1.5))
-    c.kill9()
-    walk.wait(timeout=60)
-    c.start()
+    walk = slow_walk(c, "pg_tde_rotate_relation_key('t')")
+    kill9_mid_walk(c, walk)
     state = c.sql("SELECT string_agg(mode || ':' || (fork * 1000000000::bigint + block), ',') FROM pg_tde_rekey_status()")
     assert state, f"the kill came after the walk (it said: {walk.stderr.read()[-300:]!r})"
     c.sql("SELECT pg_tde_rotate_relation_key('t')")  # continues from the frontier
@@ -297,9 +305,7 @@ def test_cancelled_walk_continues(tde):
     c = tde
     setup_table(c, "k", "tde_heap", rows=20000)
     before = digest(c, "k", 20000)
-    walk = subprocess.Popen(
-        c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", "SELECT pg_tde_rotate_relation_key('k')"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    walk = slow_walk(c, "pg_tde_rotate_relation_key('k')")
     wait_progress(c)
     c.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_tde_rotate_relation_key%' "
           "AND pid <> pg_backend_pid()")
@@ -358,14 +364,7 @@ def test_online_encryption_survives_kill9(tde):
     before = digest(c, "e")
     writer = Writer(c, "e")
     writer.start()
-    walk = subprocess.Popen(
-        c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", "SELECT pg_tde_encrypt_relation('e')"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_progress(c)
-    time.sleep(random.uniform(0, 1.5))
-    c.kill9()
-    walk.wait(timeout=60)
-    c.start()
+    kill9_mid_walk(c, slow_walk(c, "pg_tde_encrypt_relation('e')"))
     assert c.sql("SELECT count(*) FROM pg_tde_rekey_status()") != "0", "the kill came after the walk"
     assert c.sql("SELECT count(*) FROM e WHERE id <= 20000") == "20000", "readable mid-encryption"
     c.sql("SELECT pg_tde_encrypt_relation('e')")
