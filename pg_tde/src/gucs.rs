@@ -33,6 +33,9 @@ pub static KEY_UNREACHABLE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(-1);
 /// each time `REKEY_COST_LIMIT` is reached (a block costs 20); 0: no delay.
 pub static REKEY_COST_DELAY: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static REKEY_COST_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(200);
+/// Continue the online re-keyings that a restart, crash or failover interrupted,
+/// in background workers, once the server accepts writes.
+pub static REKEY_RESUME: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Write every key event to the server log as a structured line.
 pub static AUDIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Test-only: name of a point at which the server process crashes (see
@@ -135,6 +138,14 @@ pub fn init() {
         100,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_tde.rekey_resume",
+        c"Continue interrupted online re-keyings in the background after a restart, crash or promotion.",
+        c"Off: they wait for the re-keying function to be called again.",
+        &REKEY_RESUME,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"pg_tde.rekey_cost_limit",

@@ -49,7 +49,7 @@ use crate::keys::{self, FileId};
 
 /// Blocks per WAL record (at most `XLR_MAX_BLOCK_ID`).
 const BATCH: u32 = 32;
-const SLOTS: usize = 64;
+const SLOTS: usize = 256;
 
 pub fn rekey_path(db: u32) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("{}/{db}_rekey", keys::KEY_DIR))
@@ -63,7 +63,7 @@ pub fn rekey_path(db: u32) -> std::path::PathBuf {
 pub struct RekeySlot {
     in_use: bool,
     mode: u8,
-    /// 0 waiting, 1 running, 2 cancelled or interrupted.
+    /// 0 waiting, 1 running, 2 cancelled or failed (see `rekey_status`).
     state: u8,
     db: u32,
     spc: u32,
@@ -207,10 +207,11 @@ pub enum MapChange {
 }
 
 /// A change to a database's re-keying state, WAL-logged, and applied the same way
-/// by the primary and by redo: one file's re-keying begins, or ends with its
-/// key-map change.  (The frontier moves with the batch records.)
+/// by the primary and by redo: the re-keying of a relation's files begins (all of
+/// them at once), or one file's ends with its key-map change.  (The frontier moves
+/// with the batch records.)
 pub enum StateOp {
-    Start(RekeyRecord),
+    Start(Vec<RekeyRecord>),
     Finish { spc: u32, rel: u32, change: MapChange },
 }
 
@@ -227,9 +228,14 @@ fn apply_op_locked(db: u32, op: &StateOp) -> Result<()> {
     let path = rekey_path(db);
     let mut records = state::read(&path)?;
     match op {
-        StateOp::Start(r) => {
-            if !records.iter().any(|x| x.spc_oid == r.spc_oid && x.rel_number == r.rel_number) {
-                records.push(r.clone());
+        StateOp::Start(started) => {
+            let before = records.len();
+            for r in started {
+                if !records.iter().any(|x| x.spc_oid == r.spc_oid && x.rel_number == r.rel_number) {
+                    records.push(r.clone());
+                }
+            }
+            if records.len() != before {
                 state::write(&path, &records)?;
             }
         }
@@ -370,62 +376,111 @@ fn files_of(table: pg_sys::Oid) -> Vec<Target> {
         .collect()
 }
 
-/// Start (or find) the re-keying of one file; `None` when it needs none.
-fn start_file(target: &Target, mode: RekeyMode) -> Result<Option<RekeyRecord>> {
-    let id = target.id;
-    if let Some((record, _)) = record_of(id)? {
-        if record.mode != mode {
-            return Err(TdeError::Invalid(format!(
-                "relation file {}/{}/{} is being re-keyed to {} already; finish that first",
-                id.spc,
-                id.db,
-                id.rel,
-                record.mode.name()
-            )));
+/// Start (or find) the re-keying of a relation's files: the records of the files to
+/// walk, in the order of `targets`.
+///
+/// All the files are started by one WAL record, before the first is walked, so
+/// that a walk interrupted anywhere (between two files too) is continued by the
+/// next call: a file with a record is continued from its frontier; for a rotation
+/// with records left, the files without one were finished by the interrupted walk
+/// and are not rotated again.  Encryption and decryption skip the files that are
+/// already in the wanted state.
+///
+/// `resume_only` (the resuming worker): only the files with a record, nothing new.
+fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result<Vec<(&Target, RekeyRecord)>> {
+    let mut existing = Vec::with_capacity(targets.len());
+    for target in targets {
+        let record = record_of(target.id)?.map(|(record, _)| record);
+        if let Some(record) = &record {
+            if record.mode != mode {
+                let id = target.id;
+                return Err(TdeError::Invalid(format!(
+                    "relation file {}/{}/{} is being re-keyed to {} already; finish that first",
+                    id.spc,
+                    id.db,
+                    id.rel,
+                    record.mode.name()
+                )));
+            }
         }
-        return Ok(Some(record));
+        existing.push(record);
     }
-    let has_key = keys::file_has_key(id, false)?;
-    match mode {
-        RekeyMode::Rotate | RekeyMode::Decrypt if !has_key => return Ok(None),
-        RekeyMode::Encrypt if has_key => return Ok(None),
-        _ => {}
+    let resuming_rotation = mode == RekeyMode::Rotate && existing.iter().any(Option::is_some);
+    let resuming = resume_only || resuming_rotation;
+    let mut to_start = Vec::new();
+    for (target, record) in targets.iter().zip(&existing) {
+        if record.is_some() || resuming {
+            continue;
+        }
+        let has_key = keys::file_has_key(target.id, false)?;
+        let needed = match mode {
+            RekeyMode::Rotate | RekeyMode::Decrypt => has_key,
+            RekeyMode::Encrypt => !has_key,
+        };
+        if needed {
+            to_start.push(target);
+        }
     }
-    {
-        let table = REKEY.share();
-        if table.slots.iter().filter(|s| s.in_use).count() >= SLOTS - 8 {
+    if !to_start.is_empty() {
+        let in_use = REKEY.share().slots.iter().filter(|s| s.in_use).count();
+        if in_use + to_start.len() > SLOTS - 8 {
             return Err(TdeError::Invalid(format!(
-                "too many relation files are being re-keyed at once (at most {})",
+                "too many relation files would be re-keyed at once ({} running, {} more; at most {})",
+                in_use,
+                to_start.len(),
                 SLOTS - 8
             )));
         }
+        // The new keys are sealed outside the lock (the principal key may have to be
+        // fetched), and stored only if the principal key did not change meanwhile.
+        let db = to_start[0].id.db;
+        let header = keys::database_header(db)?;
+        let principal = match mode {
+            RekeyMode::Decrypt => None,
+            _ => {
+                let h = header
+                    .as_ref()
+                    .ok_or_else(|| TdeError::NotFound(format!("principal key not configured for database {db}")))?;
+                Some(keys::verified_principal(h)?)
+            }
+        };
+        let mut started = Vec::with_capacity(to_start.len());
+        for target in &to_start {
+            let id = target.id;
+            let new_entry = match &principal {
+                None => None,
+                Some(pk) => {
+                    let relkey = RelKey::generate(crate::gucs::cipher())?;
+                    Some(KeyMapEntry::seal(id.db, id.spc, id.rel, &relkey, pk)?)
+                }
+            };
+            started.push(RekeyRecord {
+                spc_oid: id.spc,
+                rel_number: id.rel,
+                mode,
+                frontier: Frontier::default(),
+                new_entry,
+            });
+        }
+        keys::with_key_files_lock(|| {
+            if keys::database_header(db)? != header {
+                return Err(TdeError::Invalid("the principal key changed while the re-keying started; retry".into()));
+            }
+            let op = StateOp::Start(started);
+            crate::rmgr::log_rekey_op(db, &op);
+            apply_op_locked(db, &op)
+        })?;
     }
-    // Sealed outside the lock (the principal key may have to be fetched); stored
-    // only if the principal key did not change meanwhile.
-    let header = keys::database_header(id.db)?;
-    let new_entry = match mode {
-        RekeyMode::Decrypt => None,
-        _ => {
-            let h = header
-                .as_ref()
-                .ok_or_else(|| TdeError::NotFound(format!("principal key not configured for database {}", id.db)))?;
-            let pk = keys::verified_principal(h)?;
-            let relkey = RelKey::generate(crate::gucs::cipher())?;
-            Some(KeyMapEntry::seal(id.db, id.spc, id.rel, &relkey, &pk)?)
+    // Every file with a record now, with its shared-memory slot (the walk moves its
+    // frontier).
+    let mut work = Vec::new();
+    for target in targets {
+        if let Some((record, _)) = record_of(target.id)? {
+            set_progress(target.id, target.relid.to_u32(), 0, 0, 0);
+            work.push((target, record));
         }
-    };
-    let record = RekeyRecord { spc_oid: id.spc, rel_number: id.rel, mode, frontier: Frontier::default(), new_entry };
-    keys::with_key_files_lock(|| {
-        if keys::database_header(id.db)? != header {
-            return Err(TdeError::Invalid("the principal key changed while the re-keying started; retry".into()));
-        }
-        let op = StateOp::Start(record.clone());
-        crate::rmgr::log_rekey_op(id.db, &op);
-        apply_op_locked(id.db, &op)
-    })?;
-    // The frontier's slot exists from now on (the walk moves it).
-    record_of(id)?;
-    Ok(Some(record))
+    }
+    Ok(work)
 }
 
 /// Finish a file whose frontier has passed every fork.
@@ -647,7 +702,7 @@ fn run(relation: pg_sys::Oid, mode: RekeyMode, wait: bool) {
         start_worker(relation, mode);
         return;
     }
-    walk_relation(relation, mode);
+    walk_relation(relation, mode, false);
 }
 
 /// Run the walk in a background worker connected to this database as this user,
@@ -655,15 +710,7 @@ fn run(relation: pg_sys::Oid, mode: RekeyMode, wait: bool) {
 fn start_worker(relation: pg_sys::Oid, mode: RekeyMode) {
     // SAFETY: plain reads of backend globals.
     let (db, user) = unsafe { ((&raw const pg_sys::MyDatabaseId).read(), pg_sys::GetUserId()) };
-    let extra = format!("{} {} {} {}", db.to_u32(), user.to_u32(), relation.to_u32(), mode as u8);
-    let started = pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_tde re-keying")
-        .set_type("pg_tde re-keying")
-        .set_library("pg_tde")
-        .set_function("pg_tde_rekey_worker_main")
-        .enable_spi_access()
-        .set_extra(&extra)
-        .set_restart_time(None)
-        .load_dynamic();
+    let started = launch_worker(db.to_u32(), user.to_u32(), relation.to_u32(), mode, false);
     if started.is_err() {
         raise_with(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
@@ -671,6 +718,22 @@ fn start_worker(relation: pg_sys::Oid, mode: RekeyMode) {
             Some("Raise max_worker_processes, or call the function with wait => true."),
         );
     }
+}
+
+/// Start a re-keying worker connected to `db` as `user`: for `relation`, or with
+/// relation 0 for the resuming of every table of the database.
+fn launch_worker(db: u32, user: u32, relation: u32, mode: RekeyMode, resume: bool) -> std::result::Result<(), ()> {
+    let extra = format!("{db} {user} {relation} {} {}", mode as u8, u8::from(resume));
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_tde re-keying")
+        .set_type("pg_tde re-keying")
+        .set_library("pg_tde")
+        .set_function("pg_tde_rekey_worker_main")
+        .enable_spi_access()
+        .set_extra(&extra)
+        .set_restart_time(None)
+        .load_dynamic()
+        .map(|_| ())
+        .map_err(|_| ())
 }
 
 #[pg_guard]
@@ -688,7 +751,7 @@ pub extern "C-unwind" fn pg_tde_rekey_worker_main(_arg: pg_sys::Datum) {
         pg_sys::BackgroundWorkerUnblockSignals();
     }
     let parts: Vec<u32> = BackgroundWorker::get_extra().split(' ').filter_map(|p| p.parse().ok()).collect();
-    let [db, user, relation, mode] = parts[..] else {
+    let [db, user, relation, mode, resume] = parts[..] else {
         pgrx::warning!("pg_tde re-keying worker started without its arguments");
         return;
     };
@@ -698,11 +761,111 @@ pub extern "C-unwind" fn pg_tde_rekey_worker_main(_arg: pg_sys::Datum) {
         _ => RekeyMode::Decrypt,
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), Some(pg_sys::Oid::from(user)));
-    BackgroundWorker::transaction(|| walk_relation(pg_sys::Oid::from(relation), mode));
+    if relation == 0 {
+        resume_database(db);
+        return;
+    }
+    BackgroundWorker::transaction(|| walk_relation(pg_sys::Oid::from(relation), mode, resume == 1));
     pgrx::log!("pg_tde: {} of relation {relation} finished", mode.name());
 }
 
-fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode) {
+// ---------------------------------------------------------------------------
+// Resuming after a restart, a crash or a promotion
+
+/// Called by the key checker once a second: the first time the server accepts
+/// writes, start a worker for every database with an unfinished re-keying
+/// (`pg_tde.rekey_resume`).  `done` is the caller's: once per worker life, which
+/// is once per server start (every background worker restarts after a crash).
+pub fn resume_interrupted(done: &mut bool) {
+    // SAFETY: reads shared recovery state.
+    if *done || !crate::gucs::REKEY_RESUME.get() || unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    *done = true;
+    let Ok(entries) = std::fs::read_dir(keys::KEY_DIR) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_rekey")).and_then(|d| d.parse::<u32>().ok()) else {
+            continue;
+        };
+        match state::read(&entry.path()) {
+            Ok(records) if records.is_empty() => continue,
+            Ok(records) => {
+                pgrx::log!("pg_tde: resuming the online re-keying of {} files of database {db}", records.len())
+            }
+            Err(e) => {
+                pgrx::warning!("pg_tde: cannot resume the online re-keying of database {db}: {e}");
+                continue;
+            }
+        }
+        let started = launch_worker(db, pg_sys::BOOTSTRAP_SUPERUSERID, 0, RekeyMode::Rotate, true);
+        if started.is_err() {
+            pgrx::warning!(
+                "pg_tde: no background worker free to resume the online re-keying of database {db}; \
+                 call the re-keying function again, or raise max_worker_processes"
+            );
+        }
+    }
+}
+
+/// The resuming worker of a database: one worker per table whose files have
+/// records, which continues only those files (a failure stops that table only).
+fn resume_database(db: u32) {
+    use pgrx::bgworkers::BackgroundWorker;
+    let records = match state::read(&rekey_path(db)) {
+        Ok(r) => r,
+        Err(e) => {
+            pgrx::warning!("pg_tde: cannot resume the online re-keying of database {db}: {e}");
+            return;
+        }
+    };
+    let tables = BackgroundWorker::transaction(|| {
+        let mut tables: Vec<(u32, RekeyMode)> = Vec::new();
+        for r in &records {
+            match table_of_file(r.spc_oid, r.rel_number) {
+                Some(t) if !tables.iter().any(|(x, _)| *x == t) => tables.push((t, r.mode)),
+                Some(_) => {}
+                None => pgrx::warning!(
+                    "pg_tde: relation file {}/{db}/{} is recorded as being re-keyed but belongs to no table",
+                    r.spc_oid,
+                    r.rel_number
+                ),
+            }
+        }
+        tables
+    });
+    for (table, mode) in tables {
+        pgrx::log!("pg_tde: resuming the online {} of relation {table}", mode.name());
+        if launch_worker(db, pg_sys::BOOTSTRAP_SUPERUSERID, table, mode, true).is_err() {
+            pgrx::warning!(
+                "pg_tde: no background worker free to resume the online {} of relation {table}; \
+                 call the function again, or raise max_worker_processes",
+                mode.name()
+            );
+        }
+    }
+}
+
+/// The table (or materialized view) a relation file belongs to: itself, the owner
+/// of its TOAST table, the table of its index, or the owner of its sequence.
+fn table_of_file(spc: u32, rel: u32) -> Option<u32> {
+    let sql = format!(
+        "WITH f AS (SELECT pg_catalog.pg_filenode_relation({spc}, {rel}) AS oid),
+              o AS (SELECT CASE c.relkind
+                             WHEN 'i' THEN (SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid = c.oid)
+                             WHEN 'S' THEN (SELECT d.refobjid FROM pg_catalog.pg_depend d
+                                             WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                                               AND d.refclassid = 'pg_catalog.pg_class'::regclass
+                                               AND d.deptype IN ('a', 'i') LIMIT 1)
+                             ELSE c.oid END AS oid
+                      FROM pg_catalog.pg_class c JOIN f ON c.oid = f.oid)
+         SELECT coalesce((SELECT t.oid FROM pg_catalog.pg_class t JOIN o ON t.reltoastrelid = o.oid), o.oid) FROM o"
+    );
+    Spi::get_one::<pg_sys::Oid>(&sql).ok().flatten().map(|o| o.to_u32())
+}
+
+/// Walk the files of a table (see [`start_files`] for `resume_only`).
+fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) {
     // SAFETY: reads shared recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         raise_with(
@@ -755,8 +918,11 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode) {
         );
     }
     let mut throttle = Throttle { cost: 0 };
-    for target in &targets {
-        let Some(record) = start_file(target, mode).or_raise() else { continue };
+    let work = start_files(&targets, mode, resume_only).or_raise();
+    if resume_only && work.is_empty() {
+        return;
+    }
+    for (target, record) in work {
         set_progress(target.id, target.relid.to_u32(), 1, 0, 0);
         if let Err(e) = walk_file(target, record, &mut throttle) {
             set_progress(target.id, target.relid.to_u32(), 2, 0, 0);
@@ -847,10 +1013,15 @@ fn rekey_status() -> TableIterator<
             };
             // SAFETY: looks a process up in the proc array.
             let alive = s.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() };
+            // A file is waiting while the walk of an earlier file of its table goes on;
+            // with no live walker it was interrupted (cancel, error, restart), or on a
+            // standby it is replayed.
+            // SAFETY: reads shared recovery state.
             let state = match s.state {
+                _ if unsafe { pg_sys::RecoveryInProgress() } => "replaying",
                 1 if alive => "running",
-                1 | 2 => "interrupted",
-                _ => "waiting",
+                0 if alive => "waiting",
+                _ => "interrupted",
             };
             (
                 pg_sys::Oid::from(s.db),

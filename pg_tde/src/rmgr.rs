@@ -119,9 +119,9 @@ pub fn log_rekey_op(db: u32, op: &crate::rekey::StateOp) {
     use crate::rekey::{MapChange, StateOp};
     let mut payload = db.to_le_bytes().to_vec();
     match op {
-        StateOp::Start(r) => {
+        StateOp::Start(started) => {
             payload.push(0);
-            payload.extend_from_slice(&tde_core::rekey::to_bytes(std::slice::from_ref(r)));
+            payload.extend_from_slice(&tde_core::rekey::to_bytes(started));
         }
         StateOp::Finish { spc, rel, change } => {
             payload.extend_from_slice(&[if matches!(change, MapChange::Put(_)) { 1 } else { 2 }]);
@@ -142,9 +142,11 @@ fn redo_rekey_state(data: &[u8]) -> tde_core::Result<()> {
     let (&tag, rest) = rest.split_first().ok_or_else(corrupt)?;
     let op = match tag {
         0 => {
-            let mut records = tde_core::rekey::from_bytes(rest)?;
-            let r = records.pop().ok_or_else(corrupt)?;
-            StateOp::Start(r)
+            let records = tde_core::rekey::from_bytes(rest)?;
+            if records.is_empty() {
+                return Err(corrupt());
+            }
+            StateOp::Start(records)
         }
         1 | 2 if rest.len() >= 8 => {
             let u = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().unwrap_or([0; 4]));

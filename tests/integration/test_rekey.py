@@ -122,29 +122,60 @@ def xts_key(relkey: bytes, cipher: int) -> bytes:
     return relkey[:32] if cipher == 3 else relkey[:64]
 
 
-def wait_progress(c: Cluster, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done = c.sql("SELECT coalesce(max(blocks_done), 0) FROM pg_tde_rekey_progress")
-        if int(done or 0) >= 64:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the walk made no progress")
-
-
 def slow_walk(c: Cluster, call: str) -> subprocess.Popen:
-    """`call` (a pg_tde_*_relation call) in a session of its own, throttled."""
-    return subprocess.Popen(c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100", "-c", f"SELECT {call}"],
+    """`call` (a pg_tde_*_relation call) in a session of its own, throttled to a
+    batch of 32 blocks every 400 ms."""
+    return subprocess.Popen(c.psql_args() + ["-c", "SET pg_tde.rekey_cost_delay = 100",
+                                             "-c", "SET pg_tde.rekey_cost_limit = 20", "-c", f"SELECT {call}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def kill9_mid_walk(c: Cluster, walk: subprocess.Popen) -> None:
-    """Kill the whole server (kill -9) at a random point of a walk, then start it."""
-    wait_progress(c)
-    time.sleep(random.uniform(0, 1.5))
+def wait_mid_walk(c: Cluster, walk: subprocess.Popen) -> str:
+    """Wait until the walk is at a random block of a file with at least two batches
+    left (so that what comes next cannot come after the walk).  Returns where."""
+    at = random.randrange(1, 64)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert walk.poll() is None, f"the walk ended too early: {walk.stderr.read()[-300:]!r}"
+        where = c.sql("SELECT relfilenode || ':' || blocks_done || '/' || blocks_total FROM pg_tde_rekey_progress "
+                      f"WHERE state = 'running' AND blocks_done >= {at} AND blocks_total - blocks_done >= 64")
+        if where:
+            time.sleep(random.uniform(0, 0.3))  # within the batch's 400 ms
+            return where
+        time.sleep(0.02)
+    raise AssertionError("the walk did not reach the middle of a file")
+
+
+def kill9_mid_walk(c: Cluster, walk: subprocess.Popen) -> str:
+    """Kill the whole server (kill -9) in the middle of a walk, then start it."""
+    where = wait_mid_walk(c, walk)
     c.kill9()
     walk.wait(timeout=60)
+    assert walk.returncode != 0, "the walk was interrupted by the kill"
     c.start()
+    return where
+
+
+def assert_rekeyed_on_disk(c: Cluster, keyring: Path, db: int, old: dict, nodes: dict) -> None:
+    """Every file of `old` ({relfilenode: (cipher, wrapped key)}) has a new key in the
+    key map, and every block of it on disk is a page under the new key and garbage
+    under the old one, with no marker in plaintext."""
+    c.checkpoint()
+    _, new_records = parse_keymap(keys_path(c).read_bytes())
+    pk = principal_key(keyring)
+    for rel, (cipher, wrapped) in old.items():
+        new_cipher, new_wrapped = new_records[(1663, rel)]
+        assert new_wrapped != wrapped
+        old_key = xts_key(unwrap(pk, db, 1663, rel, cipher, wrapped), cipher)
+        new_key = xts_key(unwrap(pk, db, 1663, rel, new_cipher, new_wrapped), new_cipher)
+        assert old_key != new_key
+        name = nodes[rel]
+        blocks = blocks_of(c, name)
+        assert blocks, name
+        for fork, block, page in blocks:
+            assert valid_page(xts_decrypt(new_key, fork, block, page)), f"{name} block {block} under the new key"
+            assert not valid_page(xts_decrypt(old_key, fork, block, page)), f"{name} block {block} still under the old key"
+        assert MARKER.encode() not in b"".join(p for _, _, p in blocks)
 
 
 def amcheck(c: Cluster, table: str) -> None:
@@ -166,12 +197,17 @@ def test_rotation_online_under_writes_survives_kill9(tde, keyring):
     assert len(old) == len(nodes), "every file of the table has a key"
     old_blocks = {nodes[rel]: blocks_of(c, nodes[rel]) for rel in old}
 
+    # this test continues the walk by calling the function again (the other kill
+    # test lets the server resume it)
+    c.sql("ALTER SYSTEM SET pg_tde.rekey_resume = off")
     writer = Writer(c, "t")
     writer.start()
     walk = slow_walk(c, "pg_tde_rotate_relation_key('t')")
-    kill9_mid_walk(c, walk)
+    killed_at = kill9_mid_walk(c, walk)
+    time.sleep(2)  # the key checker would have resumed it by now
     state = c.sql("SELECT string_agg(mode || ':' || (fork * 1000000000::bigint + block), ',') FROM pg_tde_rekey_status()")
-    assert state, f"the kill came after the walk (it said: {walk.stderr.read()[-300:]!r})"
+    assert state, f"the files being re-keyed when killed at {killed_at} are still recorded"
+    assert set(c.sql("SELECT string_agg(state, ' ') FROM pg_tde_rekey_progress").split()) == {"interrupted"}
     c.sql("SELECT pg_tde_rotate_relation_key('t')")  # continues from the frontier
     assert c.sql("SELECT count(*) FROM pg_tde_rekey_status()") == "0"
     time.sleep(1)
@@ -188,24 +224,8 @@ def test_rotation_online_under_writes_survives_kill9(tde, keyring):
     amcheck(c, "t")
     assert not (c.datadir / "pg_tde" / f"{db}_rekey").exists()
 
-    # the key map: every file has a new key; the old wrapped keys are gone
-    c.checkpoint()
-    _, new_records = parse_keymap(keys_path(c).read_bytes())
-    pk = principal_key(keyring)
-    for rel, (cipher, wrapped) in old.items():
-        new_cipher, new_wrapped = new_records[(1663, rel)]
-        assert new_wrapped != wrapped
-        old_key = xts_key(unwrap(pk, db, 1663, rel, cipher, wrapped), cipher)
-        new_key = xts_key(unwrap(pk, db, 1663, rel, new_cipher, new_wrapped), new_cipher)
-        assert old_key != new_key
-        name = nodes[rel]
-        blocks = blocks_of(c, name)
-        assert blocks, name
-        for fork, block, page in blocks:
-            assert valid_page(xts_decrypt(new_key, fork, block, page)), f"{name} block {block} under the new key"
-            assert not valid_page(xts_decrypt(old_key, fork, block, page)), f"{name} block {block} still under the old key"
-        assert MARKER.encode() not in b"".join(p for _, _, p in blocks)
-        assert old_blocks[name], name
+    assert_rekeyed_on_disk(c, keyring, db, old, nodes)
+    assert all(old_blocks[name] for name in nodes.values())
     c.restart()
     assert digest(c, "t").split("/")[0] == "20000"
     assert before.split("/")[0] == "20000"
@@ -264,6 +284,39 @@ def test_online_encryption_and_decryption_with_a_standby(tde, keyring):
         standby.destroy()
 
 
+def test_failover_mid_rotation_resumes_on_the_promoted_standby(tde, keyring):
+    """The primary dies (kill -9, for good) in the middle of a rotation; the standby,
+    promoted, resumes the walk by itself from the replayed frontier and finishes it:
+    every row there, every block on its disk under the new keys."""
+    c = tde
+    setup_table(c, "f", "tde_heap")
+    db = int(dboid(c))
+    c.checkpoint()
+    _, old_records = parse_keymap(keys_path(c).read_bytes())
+    nodes = filenodes(c, "f")
+    old = {rel: rec for (spc, rel), rec in old_records.items() if rel in nodes}
+    standby = make_standby(c)
+    try:
+        walk = slow_walk(c, "pg_tde_rotate_relation_key('f')")
+        where = wait_mid_walk(c, walk)
+        wait_for_replay(c, standby)
+        replaying = standby.sql("SELECT string_agg(DISTINCT state, ',') FROM pg_tde_rekey_progress")
+        assert replaying == "replaying", replaying
+        c.kill9()
+        walk.wait(timeout=60)
+        standby.sql("SELECT pg_promote()")
+        deadline = time.time() + 120
+        while standby.sql("SELECT count(*) FROM pg_tde_rekey_status()") != "0":
+            assert time.time() < deadline, f"the walk interrupted at {where} was not resumed after the promotion"
+            time.sleep(0.3)
+        assert "resuming the online rotate of relation" in standby.logfile.read_text(errors="replace")
+        assert standby.sql("SELECT count(*) FROM f WHERE id <= 20000") == "20000"
+        amcheck(standby, "f")
+        assert_rekeyed_on_disk(standby, keyring, db, old, nodes)
+    finally:
+        standby.destroy()
+
+
 def test_rekey_refusals(tde):
     c = tde
     c.sql("CREATE TABLE u (a int) USING tde_heap; CREATE UNLOGGED TABLE ul (a int) USING tde_heap;"
@@ -305,15 +358,33 @@ def test_cancelled_walk_continues(tde):
     c = tde
     setup_table(c, "k", "tde_heap", rows=20000)
     before = digest(c, "k", 20000)
+    c.checkpoint()
+    nodes = filenodes(c, "k")
+    _, old_map = parse_keymap(keys_path(c).read_bytes())
     walk = slow_walk(c, "pg_tde_rotate_relation_key('k')")
-    wait_progress(c)
+    # cancelled in the walk of the primary key index, after the heap and the TOAST
+    # table are done: those are not rotated again by the next call
+    pkey = c.sql("SELECT pg_relation_filenode('k_pkey')")
+    deadline = time.time() + 120
+    while c.sql(f"SELECT count(*) FROM pg_tde_rekey_progress WHERE relfilenode = {pkey} AND state = 'running'") != "1":
+        assert time.time() < deadline and walk.poll() is None, "the walk never reached the index"
+        time.sleep(0.02)
     c.sql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_tde_rotate_relation_key%' "
           "AND pid <> pg_backend_pid()")
     walk.wait(timeout=60)
     assert b"canceling statement" in walk.stderr.read()
-    progress = c.sql("SELECT state || ':' || blocks_done FROM pg_tde_rekey_progress")
-    assert progress.startswith("interrupted:"), progress
+    _, cancelled_map = parse_keymap(keys_path(c).read_bytes())
+    recorded = set(c.sql("SELECT string_agg(relfilenode::text, ' ') FROM pg_tde_rekey_status()").split())
+    finished = {rel for rel in nodes if str(rel) not in recorded}
+    heap = int(c.sql("SELECT pg_relation_filenode('k')"))
+    assert heap in finished and str(pkey) in recorded, (finished, recorded)
+    for rel in finished:
+        assert cancelled_map[(1663, rel)] != old_map[(1663, rel)], f"{nodes[rel]} was rotated before the cancel"
+    progress = c.sql("SELECT string_agg(state, ',' ORDER BY state) FROM pg_tde_rekey_progress")
+    assert progress.startswith("interrupted"), progress
+    assert set(progress.split(",")) <= {"interrupted", "waiting"}, progress
     assert digest(c, "k", 20000) == before
+    c.sql("ALTER SYSTEM SET pg_tde.rekey_resume = off")  # continued by the call below, not on restart
     # the offline checksum tool refuses a data directory with an unfinished re-keying
     from test_stock_tools import BIN, _tool
     mode = "--check" if c.sql("SHOW data_checksums") == "on" else "--enable"
@@ -324,6 +395,12 @@ def test_cancelled_walk_continues(tde):
     c.sql("INSERT INTO k VALUES (30000, 'between', NULL)")
     c.sql("SELECT pg_tde_rotate_relation_key('k')")
     assert c.sql("SELECT count(*) FROM pg_tde_rekey_progress") == "0"
+    _, final_map = parse_keymap(keys_path(c).read_bytes())
+    for rel in nodes:
+        if rel in finished:
+            assert final_map[(1663, rel)] == cancelled_map[(1663, rel)], f"{nodes[rel]} was rotated again"
+        else:
+            assert final_map[(1663, rel)] != old_map[(1663, rel)], f"{nodes[rel]} was not rotated"
     assert digest(c, "k", 20000) == before
     amcheck(c, "k")
     c.restart()
@@ -364,10 +441,16 @@ def test_online_encryption_survives_kill9(tde):
     before = digest(c, "e")
     writer = Writer(c, "e")
     writer.start()
-    kill9_mid_walk(c, slow_walk(c, "pg_tde_encrypt_relation('e')"))
-    assert c.sql("SELECT count(*) FROM pg_tde_rekey_status()") != "0", "the kill came after the walk"
+    killed_at = kill9_mid_walk(c, slow_walk(c, "pg_tde_encrypt_relation('e')"))
     assert c.sql("SELECT count(*) FROM e WHERE id <= 20000") == "20000", "readable mid-encryption"
-    c.sql("SELECT pg_tde_encrypt_relation('e')")
+    # the server resumes the walk by itself (pg_tde.rekey_resume), and switches the
+    # table to tde_heap at its end
+    deadline = time.time() + 120
+    while c.sql("SELECT count(*) FROM pg_tde_rekey_status()") != "0" or c.sql("SELECT pg_tde_is_encrypted('e')") != "t":
+        assert time.time() < deadline, f"the walk killed at {killed_at} was not resumed"
+        time.sleep(0.3)
+    log = c.logfile.read_text(errors="replace")
+    assert "resuming the online encrypt of relation" in log
     time.sleep(1)
     writer.stop.set()
     writer.join(timeout=30)
