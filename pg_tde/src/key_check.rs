@@ -448,14 +448,13 @@ pub extern "C-unwind" fn pg_tde_key_checker_main(_arg: pg_sys::Datum) {
     // The first round one interval after the start: the keys were just fetched
     // (or are about to be), and a restart must not send a burst to every KMS.
     let mut last_round = Instant::now();
-    let mut rekeying_resumed = false;
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloads the configuration file, as every process does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         // This worker also starts the resuming of interrupted online re-keyings.
-        crate::rekey::resume_interrupted(&mut rekeying_resumed);
+        crate::rekey::resume_interrupted();
         let interval = crate::gucs::KEY_CHECK_INTERVAL.get();
         if interval <= 0 {
             continue;

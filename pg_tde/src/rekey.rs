@@ -49,7 +49,7 @@ use crate::keys::{self, FileId};
 
 /// Blocks per WAL record (at most `XLR_MAX_BLOCK_ID`).
 const BATCH: u32 = 32;
-const SLOTS: usize = 256;
+const SLOTS: usize = 1024;
 
 pub fn rekey_path(db: u32) -> std::path::PathBuf {
     std::path::PathBuf::from(format!("{}/{db}_rekey", keys::KEY_DIR))
@@ -106,9 +106,14 @@ unsafe impl PGRXSharedMemory for RekeyTable {}
 
 static REKEY: PgLwLock<RekeyTable> = unsafe { PgLwLock::new(c"pg_tde_rekey") };
 
+/// Whether the interrupted re-keyings were resumed since shared memory was set up
+/// (at the server's start, and again after a crash).
+static RESUMED: pgrx::PgAtomic<std::sync::atomic::AtomicBool> = unsafe { pgrx::PgAtomic::new(c"pg_tde_rekey_resumed") };
+
 pub fn init_shmem() {
     pg_shmem_init!(REKEY);
     pg_shmem_init!(REKEY_SEQ);
+    pg_shmem_init!(RESUMED);
 }
 
 impl RekeySlot {
@@ -191,6 +196,27 @@ fn set_progress(id: FileId, relid: u32, state: u8, done: u64, total: u64) {
     }
 }
 
+/// The re-keying records of every database, with their database.
+fn all_records() -> Result<Vec<(u32, RekeyRecord)>> {
+    let entries = match std::fs::read_dir(keys::KEY_DIR) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TdeError::io(format!("listing \"{}\"", keys::KEY_DIR), e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_rekey")).and_then(|d| d.parse::<u32>().ok()) {
+            out.extend(state::read(&entry.path())?.into_iter().map(|r| (db, r)));
+        }
+    }
+    Ok(out)
+}
+
+fn records_on_disk() -> Result<usize> {
+    Ok(all_records()?.len())
+}
+
 /// Whether a database has files being re-keyed (its principal key may not change then:
 /// the new keys are sealed with it).
 pub fn in_progress(db: u32) -> Result<bool> {
@@ -237,6 +263,9 @@ fn apply_op_locked(db: u32, op: &StateOp) -> Result<()> {
             }
             if records.len() != before {
                 state::write(&path, &records)?;
+            }
+            for r in started {
+                slot_for(FileId { spc: r.spc_oid, db, rel: r.rel_number }, r)?;
             }
         }
         StateOp::Finish { spc, rel, change } => {
@@ -386,7 +415,8 @@ fn files_of(table: pg_sys::Oid) -> Vec<Target> {
 /// and are not rotated again.  Encryption and decryption skip the files that are
 /// already in the wanted state.
 ///
-/// `resume_only` (the resuming worker): only the files with a record, nothing new.
+/// `resume_only` (the resuming worker): nothing when no file of the table has a
+/// record (the walk finished, or someone else continued it).
 fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result<Vec<(&Target, RekeyRecord)>> {
     let mut existing = Vec::with_capacity(targets.len());
     for target in targets {
@@ -405,11 +435,13 @@ fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result
         }
         existing.push(record);
     }
+    if resume_only && existing.iter().all(Option::is_none) {
+        return Ok(Vec::new());
+    }
     let resuming_rotation = mode == RekeyMode::Rotate && existing.iter().any(Option::is_some);
-    let resuming = resume_only || resuming_rotation;
     let mut to_start = Vec::new();
     for (target, record) in targets.iter().zip(&existing) {
-        if record.is_some() || resuming {
+        if record.is_some() || resuming_rotation {
             continue;
         }
         let has_key = keys::file_has_key(target.id, false)?;
@@ -422,15 +454,6 @@ fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result
         }
     }
     if !to_start.is_empty() {
-        let in_use = REKEY.share().slots.iter().filter(|s| s.in_use).count();
-        if in_use + to_start.len() > SLOTS - 8 {
-            return Err(TdeError::Invalid(format!(
-                "too many relation files would be re-keyed at once ({} running, {} more; at most {})",
-                in_use,
-                to_start.len(),
-                SLOTS - 8
-            )));
-        }
         // The new keys are sealed outside the lock (the principal key may have to be
         // fetched), and stored only if the principal key did not change meanwhile.
         let db = to_start[0].id.db;
@@ -466,9 +489,27 @@ fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result
             if keys::database_header(db)? != header {
                 return Err(TdeError::Invalid("the principal key changed while the re-keying started; retry".into()));
             }
+            // Every recorded file has a shared-memory slot while it is re-keyed (the
+            // slots of records not yet looked at after a restart included).
+            let recorded = records_on_disk()?;
+            if recorded + started.len() > SLOTS {
+                return Err(TdeError::Invalid(format!(
+                    "too many relation files would be re-keyed at once ({recorded} recorded, {} more; at most {SLOTS})",
+                    started.len()
+                )));
+            }
             let op = StateOp::Start(started);
             crate::rmgr::log_rekey_op(db, &op);
-            apply_op_locked(db, &op)
+            // Logged: the standbys and crash recovery have these new keys now, so the
+            // primary must too (a retry would seal other ones).
+            if let Err(e) = apply_op_locked(db, &op) {
+                pgrx::ereport!(
+                    PgLogLevel::PANIC,
+                    PgSqlErrorCode::ERRCODE_IO_ERROR,
+                    format!("pg_tde: could not record the start of a re-keying in database {db}: {e}")
+                );
+            }
+            Ok(())
         })?;
     }
     // Every file with a record now, with its shared-memory slot (the walk moves its
@@ -543,13 +584,24 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
                 frontier = Frontier { fork, block: end };
                 let before: u64 = (0..fork).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
                 set_progress(id, target.relid.to_u32(), 1, before + u64::from(end), total);
-                throttle.charge(end - start);
+                // The throttle paces the walk through the file as it was; the blocks
+                // appended meanwhile (a batch short of BATCH reaches the end) are
+                // walked at full speed, or a table growing faster than the
+                // throttled walk would never be done.
+                if end - start == BATCH {
+                    throttle.charge(end - start);
+                }
                 crate::gucs::crash_point("rekey_batch");
                 continue;
             }
             // The fork is done up to its end (or does not exist): move on to the next
             // under the extension lock, which also creates forks, so that nothing is
-            // appended or created under the old key meanwhile.
+            // appended or created under the old key meanwhile.  Hash indexes extend
+            // their main fork without that lock (EB_SKIP_EXTENSION_LOCK, and
+            // smgrextend of a whole splitpoint) but always under an exclusive lock
+            // of their metapage, which is therefore held too.
+            let hash_meta = (fork == pg_sys::ForkNumber::MAIN_FORKNUM as u8 && is_hash_index(rel) && n > 0)
+                .then(|| lock_hash_metapage(rel));
             // SAFETY: rel is open; the lock is released below.
             unsafe { pg_sys::LockRelationForExtension(rel, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
             let n_now = if fork_exists(rel, fork) { nblocks(rel, fork) } else { 0 };
@@ -560,6 +612,10 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
             }
             // SAFETY: taken above.
             unsafe { pg_sys::UnlockRelationForExtension(rel, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
+            if let Some(buffer) = hash_meta {
+                // SAFETY: locked and pinned by lock_hash_metapage.
+                unsafe { pg_sys::UnlockReleaseBuffer(buffer) };
+            }
         }
         record.frontier = frontier;
         crate::gucs::crash_point("rekey_before_finish");
@@ -568,6 +624,24 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
     // SAFETY: opened above.
     unsafe { pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE) };
     result
+}
+
+fn is_hash_index(rel: pg_sys::Relation) -> bool {
+    // SAFETY: rel is open; rd_rel is its pg_class row.
+    unsafe { (*(*rel).rd_rel).relkind as u8 == pg_sys::RELKIND_INDEX && (*(*rel).rd_rel).relam == pg_sys::HASH_AM_OID }
+}
+
+/// Pin and share-lock block 0 of a hash index, its metapage (see `walk_file`).
+fn lock_hash_metapage(rel: pg_sys::Relation) -> pg_sys::Buffer {
+    // SAFETY: rel is open and has a block 0 (the caller checked the fork's size);
+    // ReadBuffer and LockBuffer raise ERROR through the guard, with nothing held.
+    unsafe {
+        crate::ffi::guarded(|| {
+            let buffer = pg_sys::ReadBuffer(rel, 0);
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+            buffer
+        })
+    }
 }
 
 fn fork_exists(rel: pg_sys::Relation, fork: u8) -> bool {
@@ -765,8 +839,10 @@ pub extern "C-unwind" fn pg_tde_rekey_worker_main(_arg: pg_sys::Datum) {
         resume_database(db);
         return;
     }
-    BackgroundWorker::transaction(|| walk_relation(pg_sys::Oid::from(relation), mode, resume == 1));
-    pgrx::log!("pg_tde: {} of relation {relation} finished", mode.name());
+    let walked = BackgroundWorker::transaction(|| walk_relation(pg_sys::Oid::from(relation), mode, resume == 1));
+    if walked > 0 || resume == 0 {
+        pgrx::log!("pg_tde: {} of relation {relation} finished ({walked} files)", mode.name());
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -774,14 +850,16 @@ pub extern "C-unwind" fn pg_tde_rekey_worker_main(_arg: pg_sys::Datum) {
 
 /// Called by the key checker once a second: the first time the server accepts
 /// writes, start a worker for every database with an unfinished re-keying
-/// (`pg_tde.rekey_resume`).  `done` is the caller's: once per worker life, which
-/// is once per server start (every background worker restarts after a crash).
-pub fn resume_interrupted(done: &mut bool) {
+/// (`pg_tde.rekey_resume`).  Once per server start or crash (a flag in shared
+/// memory, which both set up anew), whatever happens to the key checker itself.
+pub fn resume_interrupted() {
     // SAFETY: reads shared recovery state.
-    if *done || !crate::gucs::REKEY_RESUME.get() || unsafe { pg_sys::RecoveryInProgress() } {
+    if !crate::gucs::REKEY_RESUME.get() || unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
-    *done = true;
+    if RESUMED.get().swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(keys::KEY_DIR) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
@@ -865,7 +943,8 @@ fn table_of_file(spc: u32, rel: u32) -> Option<u32> {
 }
 
 /// Walk the files of a table (see [`start_files`] for `resume_only`).
-fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) {
+/// Returns the number of files walked.
+fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> usize {
     // SAFETY: reads shared recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         raise_with(
@@ -882,7 +961,31 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) {
         );
     }
     // SAFETY: takes the lock VACUUM takes; held to the end of the transaction.
-    unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+    // The resuming worker leaves a table that someone is walking (or VACUUMing)
+    // to them: they continue it, or the next call or restart does.
+    if resume_only {
+        if !unsafe {
+            pg_sys::ConditionalLockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE)
+        } {
+            pgrx::log!(
+                "pg_tde: relation {} is locked by another session; its re-keying is not resumed now",
+                relation.to_u32()
+            );
+            return 0;
+        }
+        // Gone, or finished by someone else meanwhile: nothing to resume.
+        let exists = Spi::get_one::<bool>(&format!(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = {})",
+            relation.to_u32()
+        ))
+        .unwrap_or_else(|e| spi_failed(e))
+        .unwrap_or(false);
+        if !exists || files_of(relation).iter().all(|t| record_of(t.id).ok().flatten().is_none()) {
+            return 0;
+        }
+    } else {
+        unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
+    }
     let is_tde = crate::am::is_tde_heap_oid(relation);
     let relkind = Spi::get_one::<String>(&format!(
         "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = {}",
@@ -920,15 +1023,17 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) {
     let mut throttle = Throttle { cost: 0 };
     let work = start_files(&targets, mode, resume_only).or_raise();
     if resume_only && work.is_empty() {
-        return;
+        return 0;
     }
+    let walked = work.len();
+    let mut interrupted = MarkInterrupted { files: work.iter().map(|(t, _)| t.id).collect() };
     for (target, record) in work {
         set_progress(target.id, target.relid.to_u32(), 1, 0, 0);
         if let Err(e) = walk_file(target, record, &mut throttle) {
-            set_progress(target.id, target.relid.to_u32(), 2, 0, 0);
             crate::errors::raise(e);
         }
     }
+    interrupted.files.clear();
     if mode != RekeyMode::Rotate {
         switch_access_method(relation, mode == RekeyMode::Encrypt);
     }
@@ -937,11 +1042,28 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) {
         RekeyMode::Encrypt => "relation_encrypted",
         RekeyMode::Decrypt => "relation_decrypted",
     };
-    crate::audit::record(crate::audit::AuditEvent::new(event).detail(format!(
-        "relation {} ({} files)",
-        relation.to_u32(),
-        targets.len()
-    )));
+    crate::audit::record(
+        crate::audit::AuditEvent::new(event).detail(format!("relation {} ({walked} files)", relation.to_u32())),
+    );
+    walked
+}
+
+/// Marks the files of a walk that an ERROR (cancel, timeout, failure) unwinds as
+/// interrupted, for the progress view (dropped during the unwinding).
+struct MarkInterrupted {
+    files: Vec<FileId>,
+}
+
+impl Drop for MarkInterrupted {
+    fn drop(&mut self) {
+        if self.files.is_empty() {
+            return;
+        }
+        let mut table = REKEY.exclusive();
+        for s in table.slots.iter_mut().filter(|s| self.files.iter().any(|&id| s.is(id))) {
+            s.state = 2;
+        }
+    }
 }
 
 /// Make the table (and its TOAST table) `tde_heap` or `heap`, under a brief
@@ -991,6 +1113,7 @@ fn rekey_status() -> TableIterator<
         name!(database_oid, pg_sys::Oid),
         name!(relation_oid, Option<pg_sys::Oid>),
         name!(relfilenode, pg_sys::Oid),
+        name!(tablespace_oid, pg_sys::Oid),
         name!(mode, String),
         name!(state, String),
         name!(fork, i32),
@@ -999,50 +1122,77 @@ fn rekey_status() -> TableIterator<
         name!(blocks_total, i64),
     ),
 > {
-    let table = REKEY.share();
-    let rows = table
-        .slots
-        .iter()
-        .filter(|s| s.in_use)
-        .map(|s| {
-            let f = Frontier::from_u64(s.frontier);
-            let mode = match s.mode {
-                1 => "rotate",
-                2 => "encrypt",
-                _ => "decrypt",
-            };
-            // SAFETY: looks a process up in the proc array.
-            let alive = s.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() };
-            // A file is waiting while the walk of an earlier file of its table goes on;
-            // with no live walker it was interrupted (cancel, error, restart), or on a
-            // standby it is replayed.
-            // SAFETY: reads shared recovery state.
-            let state = match s.state {
-                _ if unsafe { pg_sys::RecoveryInProgress() } => "replaying",
-                1 if alive => "running",
-                0 if alive => "waiting",
-                _ => "interrupted",
-            };
-            (
-                pg_sys::Oid::from(s.db),
-                (s.relid != 0).then(|| pg_sys::Oid::from(s.relid)),
-                pg_sys::Oid::from(s.rel),
-                mode.to_string(),
-                state.to_string(),
-                i32::from(f.fork),
-                i64::from(f.block),
-                s.done as i64,
-                s.total as i64,
-            )
-        })
-        .collect::<Vec<_>>();
+    let mode_name = |m: u8| match m {
+        1 => "rotate",
+        2 => "encrypt",
+        _ => "decrypt",
+    };
+    // SAFETY: reads shared recovery state.
+    let in_recovery = unsafe { pg_sys::RecoveryInProgress() };
+    let mut rows = {
+        let table = REKEY.share();
+        table
+            .slots
+            .iter()
+            .filter(|s| s.in_use)
+            .map(|s| {
+                let f = Frontier::from_u64(s.frontier);
+                // SAFETY: looks a process up in the proc array.
+                let alive = s.pid != 0 && unsafe { !pg_sys::BackendPidGetProc(s.pid).is_null() };
+                // A file is waiting while the walk of an earlier file of its table goes
+                // on; with no live walker it was interrupted (cancel, error, restart),
+                // and on a standby it is replayed.
+                let state = match s.state {
+                    _ if in_recovery => "replaying",
+                    1 if alive => "running",
+                    0 if alive => "waiting",
+                    _ => "interrupted",
+                };
+                (
+                    pg_sys::Oid::from(s.db),
+                    (s.relid != 0).then(|| pg_sys::Oid::from(s.relid)),
+                    pg_sys::Oid::from(s.rel),
+                    pg_sys::Oid::from(s.spc),
+                    mode_name(s.mode).to_string(),
+                    state.to_string(),
+                    i32::from(f.fork),
+                    i64::from(f.block),
+                    s.done as i64,
+                    s.total as i64,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // Recorded files that no process has looked at since the server started.
+    for (db, r) in all_records().unwrap_or_default() {
+        if rows.iter().any(|row| row.0.to_u32() == db && row.2.to_u32() == r.rel_number && row.3.to_u32() == r.spc_oid)
+        {
+            continue;
+        }
+        rows.push((
+            pg_sys::Oid::from(db),
+            None,
+            pg_sys::Oid::from(r.rel_number),
+            pg_sys::Oid::from(r.spc_oid),
+            mode_name(r.mode as u8).to_string(),
+            (if in_recovery { "replaying" } else { "interrupted" }).to_string(),
+            i32::from(r.frontier.fork),
+            i64::from(r.frontier.block),
+            0,
+            0,
+        ));
+    }
     TableIterator::new(rows)
 }
 
 pgrx::extension_sql!(
     r#"
 CREATE VIEW pg_tde_rekey_progress AS
-SELECT d.datname AS database, s.relation_oid::regclass AS relation, s.relfilenode, s.mode, s.state,
+SELECT d.datname AS database,
+       coalesce(s.relation_oid,
+                CASE WHEN d.datname = current_database()
+                     THEN pg_catalog.pg_filenode_relation(s.tablespace_oid, s.relfilenode) END)::regclass AS relation,
+       s.relfilenode, s.mode, s.state,
        s.fork, s.block, s.blocks_done, s.blocks_total
   FROM pg_tde_rekey_status() s LEFT JOIN pg_catalog.pg_database d ON d.oid = s.database_oid;
 REVOKE ALL ON pg_tde_rekey_progress FROM PUBLIC;

@@ -120,7 +120,8 @@ pub fn log_rekey_op(db: u32, op: &crate::rekey::StateOp) {
     let mut payload = db.to_le_bytes().to_vec();
     match op {
         StateOp::Start(started) => {
-            payload.push(0);
+            // 3: the files of a walk, all at once (0, a single file, is read still).
+            payload.push(3);
             payload.extend_from_slice(&tde_core::rekey::to_bytes(started));
         }
         StateOp::Finish { spc, rel, change } => {
@@ -141,7 +142,7 @@ fn redo_rekey_state(data: &[u8]) -> tde_core::Result<()> {
     let (db, rest) = split_db(data);
     let (&tag, rest) = rest.split_first().ok_or_else(corrupt)?;
     let op = match tag {
-        0 => {
+        0 | 3 => {
             let records = tde_core::rekey::from_bytes(rest)?;
             if records.is_empty() {
                 return Err(corrupt());
@@ -276,7 +277,7 @@ unsafe extern "C-unwind" fn tde_desc(buf: pg_sys::StringInfo, record: *mut pg_sy
         XLOG_TDE_MAP_REWRITE if data.len() >= 4 => format!("db {}", split_db(data).0),
         XLOG_TDE_PROVIDERS | XLOG_TDE_ENVELOPES => format!("{} bytes", data.len()),
         XLOG_TDE_REKEY_STATE if data.len() >= 5 => {
-            format!("db {} {}", split_db(data).0, if data[4] == 0 { "start" } else { "finish" })
+            format!("db {} {}", split_db(data).0, if matches!(data[4], 0 | 3) { "start" } else { "finish" })
         }
         XLOG_TDE_REKEY_BATCH => match parse_batch_payload(data) {
             Ok((id, f)) => format!("file {}/{}/{} frontier fork {} block {}", id.spc, id.db, id.rel, f.fork, f.block),
