@@ -77,6 +77,7 @@ pub extern "C-unwind" fn _PG_init() {
     rekey::init_shmem();
     key_check::register_worker();
     key_check::init();
+    rekey::init();
     am::init();
     smgr::init();
     #[cfg(feature = "pg18")]

@@ -170,6 +170,30 @@ fn slot_for(id: FileId, record: &RekeyRecord) -> Result<usize> {
     Ok(i)
 }
 
+fn reset_slot(id: FileId, record: &RekeyRecord) {
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| s.is(id)) {
+        s.mode = record.mode as u8;
+        s.frontier = record.frontier.to_u64();
+        s.state = 0;
+        s.pid = 0;
+        s.done = 0;
+        s.total = 0;
+    }
+}
+
+/// Free the slots whose file has no record any more (readers racing the end of a
+/// re-keying can leave one); with the key-files lock held, so that no record
+/// starts or ends meanwhile.
+fn sweep_slots(records: &[(u32, RekeyRecord)]) {
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| s.in_use) {
+        if !records.iter().any(|(db, r)| *db == s.db && r.spc_oid == s.spc && r.rel_number == s.rel) {
+            s.in_use = false;
+        }
+    }
+}
+
 fn set_frontier(id: FileId, frontier: Frontier) {
     let mut table = REKEY.exclusive();
     if let Some(s) = table.slots.iter_mut().find(|s| s.is(id)) {
@@ -213,10 +237,6 @@ fn all_records() -> Result<Vec<(u32, RekeyRecord)>> {
     Ok(out)
 }
 
-fn records_on_disk() -> Result<usize> {
-    Ok(all_records()?.len())
-}
-
 /// Whether a database has files being re-keyed (its principal key may not change then:
 /// the new keys are sealed with it).
 pub fn in_progress(db: u32) -> Result<bool> {
@@ -255,17 +275,21 @@ fn apply_op_locked(db: u32, op: &StateOp) -> Result<()> {
     let mut records = state::read(&path)?;
     match op {
         StateOp::Start(started) => {
-            let before = records.len();
+            let mut pushed = Vec::new();
             for r in started {
                 if !records.iter().any(|x| x.spc_oid == r.spc_oid && x.rel_number == r.rel_number) {
                     records.push(r.clone());
+                    pushed.push(r);
                 }
             }
-            if records.len() != before {
+            if !pushed.is_empty() {
                 state::write(&path, &records)?;
             }
-            for r in started {
-                slot_for(FileId { spc: r.spc_oid, db, rel: r.rel_number }, r)?;
+            // A slot left for an earlier re-keying of the same file (a reader that
+            // raced its end) starts over from the new record.  (A record already
+            // there, as in crash recovery, may be further on: its slot stays.)
+            for r in pushed {
+                reset_slot(FileId { spc: r.spc_oid, db, rel: r.rel_number }, r);
             }
         }
         StateOp::Finish { spc, rel, change } => {
@@ -285,11 +309,14 @@ fn apply_op_locked(db: u32, op: &StateOp) -> Result<()> {
                     Err(e) => return Err(e),
                 }
                 records.retain(|x| !(x.spc_oid == *spc && x.rel_number == *rel));
-                state::write(&path, &records)
+                state::write(&path, &records)?;
+                // Inside the odd window: a reader that found the record before
+                // this and takes a slot for it now retries (and finds none).
+                free_slot(FileId { spc: *spc, db, rel: *rel });
+                Ok(())
             })();
             REKEY_SEQ.get().fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             result?;
-            free_slot(FileId { spc: *spc, db, rel: *rel });
         }
     }
     keys::invalidate_local_keys();
@@ -338,6 +365,7 @@ pub fn redo_frontier(id: FileId, frontier: Frontier) -> Result<()> {
 pub fn forget_file(id: FileId) -> Result<()> {
     let path = rekey_path(id.db);
     if !path.exists() {
+        free_slot(id);
         return Ok(());
     }
     keys::with_key_files_lock(|| {
@@ -491,7 +519,9 @@ fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result
             }
             // Every recorded file has a shared-memory slot while it is re-keyed (the
             // slots of records not yet looked at after a restart included).
-            let recorded = records_on_disk()?;
+            let on_disk = all_records()?;
+            sweep_slots(&on_disk);
+            let recorded = on_disk.len();
             if recorded + started.len() > SLOTS {
                 return Err(TdeError::Invalid(format!(
                     "too many relation files would be re-keyed at once ({recorded} recorded, {} more; at most {SLOTS})",
@@ -574,6 +604,7 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
     let result = (|| -> Result<()> {
         let total: u64 = (0..FORKS).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
         let mut frontier = record.frontier;
+        let mut fork_size_at_start: Option<(u8, u32)> = None;
         while frontier.fork < FORKS {
             pgrx::check_for_interrupts!();
             let fork = frontier.fork;
@@ -581,16 +612,21 @@ fn walk_file(target: &Target, mut record: RekeyRecord, throttle: &mut Throttle) 
             if frontier.block < n {
                 let (start, end) = (frontier.block, (frontier.block + BATCH).min(n));
                 let end = rekey_batch(rel, id, fork, start, end)?;
+                let size_at_start = match fork_size_at_start {
+                    Some((f, size)) if f == fork => size,
+                    _ => {
+                        fork_size_at_start = Some((fork, n));
+                        n
+                    }
+                };
                 frontier = Frontier { fork, block: end };
                 let before: u64 = (0..fork).filter(|&f| fork_exists(rel, f)).map(|f| u64::from(nblocks(rel, f))).sum();
                 set_progress(id, target.relid.to_u32(), 1, before + u64::from(end), total);
-                // The throttle paces the walk through the file as it was; the blocks
-                // appended meanwhile (a batch short of BATCH reaches the end) are
-                // walked at full speed, or a table growing faster than the
-                // throttled walk would never be done.
-                if end - start == BATCH {
-                    throttle.charge(end - start);
-                }
+                // The throttle paces the walk through the fork as it was when its
+                // walk began; the blocks appended meanwhile are walked at full speed,
+                // or a table growing faster than the throttled walk would never be
+                // done.
+                throttle.charge(end.min(size_at_start).saturating_sub(start));
                 crate::gucs::crash_point("rekey_batch");
                 continue;
             }
@@ -913,7 +949,7 @@ fn resume_database(db: u32) {
         tables
     });
     for (table, mode) in tables {
-        pgrx::log!("pg_tde: resuming the online {} of relation {table}", mode.name());
+        pgrx::log!("pg_tde: resuming the online {} of relation {table} (if still unfinished)", mode.name());
         if launch_worker(db, pg_sys::BOOTSTRAP_SUPERUSERID, table, mode, true).is_err() {
             pgrx::warning!(
                 "pg_tde: no background worker free to resume the online {} of relation {table}; \
@@ -961,18 +997,10 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
         );
     }
     // SAFETY: takes the lock VACUUM takes; held to the end of the transaction.
-    // The resuming worker leaves a table that someone is walking (or VACUUMing)
-    // to them: they continue it, or the next call or restart does.
+    // The resuming worker waits like any session (autovacuum gives way to it); a
+    // session that was walking the table meanwhile has finished it then.
+    unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
     if resume_only {
-        if !unsafe {
-            pg_sys::ConditionalLockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE)
-        } {
-            pgrx::log!(
-                "pg_tde: relation {} is locked by another session; its re-keying is not resumed now",
-                relation.to_u32()
-            );
-            return 0;
-        }
         // Gone, or finished by someone else meanwhile: nothing to resume.
         let exists = Spi::get_one::<bool>(&format!(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = {})",
@@ -983,8 +1011,6 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
         if !exists || files_of(relation).iter().all(|t| record_of(t.id).ok().flatten().is_none()) {
             return 0;
         }
-    } else {
-        unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
     }
     let is_tde = crate::am::is_tde_heap_oid(relation);
     let relkind = Spi::get_one::<String>(&format!(
@@ -1021,19 +1047,20 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
         );
     }
     let mut throttle = Throttle { cost: 0 };
+    // From here an ERROR (cancel, timeout, failure) marks the files interrupted.
+    WALKING.with(|w| *w.borrow_mut() = targets.iter().map(|t| t.id).collect());
     let work = start_files(&targets, mode, resume_only).or_raise();
     if resume_only && work.is_empty() {
         return 0;
     }
     let walked = work.len();
-    let mut interrupted = MarkInterrupted { files: work.iter().map(|(t, _)| t.id).collect() };
     for (target, record) in work {
         set_progress(target.id, target.relid.to_u32(), 1, 0, 0);
         if let Err(e) = walk_file(target, record, &mut throttle) {
             crate::errors::raise(e);
         }
     }
-    interrupted.files.clear();
+    WALKING.with(|w| w.borrow_mut().clear());
     if mode != RekeyMode::Rotate {
         switch_access_method(relation, mode == RekeyMode::Encrypt);
     }
@@ -1048,21 +1075,31 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
     walked
 }
 
-/// Marks the files of a walk that an ERROR (cancel, timeout, failure) unwinds as
-/// interrupted, for the progress view (dropped during the unwinding).
-struct MarkInterrupted {
-    files: Vec<FileId>,
+thread_local! {
+    /// The files this backend is walking (see `mark_walk_interrupted`).
+    static WALKING: std::cell::RefCell<Vec<FileId>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-impl Drop for MarkInterrupted {
-    fn drop(&mut self) {
-        if self.files.is_empty() {
-            return;
-        }
-        let mut table = REKEY.exclusive();
-        for s in table.slots.iter_mut().filter(|s| self.files.iter().any(|&id| s.is(id))) {
-            s.state = 2;
-        }
+/// Register the abort callback (in `_PG_init`, for every process).
+pub fn init() {
+    // SAFETY: registers a callback with a static lifetime and no argument.
+    unsafe { pg_sys::RegisterXactCallback(Some(mark_walk_interrupted), std::ptr::null_mut()) };
+}
+
+/// A walk ended by an ERROR (cancel, timeout, failure): its files show as
+/// interrupted at once.  At abort, after the LWLocks were released.
+#[pg_guard]
+unsafe extern "C-unwind" fn mark_walk_interrupted(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if !matches!(event, pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_COMMIT) {
+        return;
+    }
+    let files = WALKING.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    if files.is_empty() || event != pg_sys::XactEvent::XACT_EVENT_ABORT {
+        return;
+    }
+    let mut table = REKEY.exclusive();
+    for s in table.slots.iter_mut().filter(|s| files.iter().any(|&id| s.is(id))) {
+        s.state = 2;
     }
 }
 
@@ -1164,7 +1201,11 @@ fn rekey_status() -> TableIterator<
             .collect::<Vec<_>>()
     };
     // Recorded files that no process has looked at since the server started.
-    for (db, r) in all_records().unwrap_or_default() {
+    let recorded = all_records().unwrap_or_else(|e| {
+        pgrx::warning!("pg_tde: {e}");
+        Vec::new()
+    });
+    for (db, r) in recorded {
         if rows.iter().any(|row| row.0.to_u32() == db && row.2.to_u32() == r.rel_number && row.3.to_u32() == r.spc_oid)
         {
             continue;
