@@ -53,6 +53,11 @@ pub fn map_path(db_oid: u32) -> PathBuf {
 
 /// OIDs of the databases that have a key map.
 pub fn databases_with_maps() -> Result<Vec<u32>> {
+    databases_with_file("_keys")
+}
+
+/// OIDs of the databases that have a file `<dboid><suffix>` in `pg_tde/`.
+pub fn databases_with_file(suffix: &str) -> Result<Vec<u32>> {
     let dir = match std::fs::read_dir(KEY_DIR) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -61,7 +66,7 @@ pub fn databases_with_maps() -> Result<Vec<u32>> {
     let mut out = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name();
-        if let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_keys")).and_then(|n| n.parse::<u32>().ok()) {
+        if let Some(db) = name.to_str().and_then(|n| n.strip_suffix(suffix)).and_then(|n| n.parse::<u32>().ok()) {
             out.push(db);
         }
     }

@@ -222,17 +222,9 @@ fn set_progress(id: FileId, relid: u32, state: u8, done: u64, total: u64) {
 
 /// The re-keying records of every database, with their database.
 fn all_records() -> Result<Vec<(u32, RekeyRecord)>> {
-    let entries = match std::fs::read_dir(keys::KEY_DIR) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TdeError::io(format!("listing \"{}\"", keys::KEY_DIR), e)),
-    };
     let mut out = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_rekey")).and_then(|d| d.parse::<u32>().ok()) {
-            out.extend(state::read(&entry.path())?.into_iter().map(|r| (db, r)));
-        }
+    for db in keys::databases_with_file("_rekey")? {
+        out.extend(state::read(&rekey_path(db))?.into_iter().map(|r| (db, r)));
     }
     Ok(out)
 }
@@ -442,10 +434,7 @@ fn files_of(table: pg_sys::Oid) -> Vec<Target> {
 /// with records left, the files without one were finished by the interrupted walk
 /// and are not rotated again.  Encryption and decryption skip the files that are
 /// already in the wanted state.
-///
-/// `resume_only` (the resuming worker): nothing when no file of the table has a
-/// record (the walk finished, or someone else continued it).
-fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result<Vec<(&Target, RekeyRecord)>> {
+fn start_files(targets: &[Target], mode: RekeyMode) -> Result<Vec<(&Target, RekeyRecord)>> {
     let mut existing = Vec::with_capacity(targets.len());
     for target in targets {
         let record = record_of(target.id)?.map(|(record, _)| record);
@@ -462,9 +451,6 @@ fn start_files(targets: &[Target], mode: RekeyMode, resume_only: bool) -> Result
             }
         }
         existing.push(record);
-    }
-    if resume_only && existing.iter().all(Option::is_none) {
-        return Ok(Vec::new());
     }
     let resuming_rotation = mode == RekeyMode::Rotate && existing.iter().any(Option::is_some);
     let mut to_start = Vec::new();
@@ -896,13 +882,9 @@ pub fn resume_interrupted() {
     if RESUMED.get().swap(true, std::sync::atomic::Ordering::AcqRel) {
         return;
     }
-    let Ok(entries) = std::fs::read_dir(keys::KEY_DIR) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(db) = name.to_str().and_then(|n| n.strip_suffix("_rekey")).and_then(|d| d.parse::<u32>().ok()) else {
-            continue;
-        };
-        match state::read(&entry.path()) {
+    let Ok(dbs) = keys::databases_with_file("_rekey") else { return };
+    for db in dbs {
+        match state::read(&rekey_path(db)) {
             Ok(records) if records.is_empty() => continue,
             Ok(records) => {
                 pgrx::log!("pg_tde: resuming the online re-keying of {} files of database {db}", records.len())
@@ -978,8 +960,8 @@ fn table_of_file(spc: u32, rel: u32) -> Option<u32> {
     Spi::get_one::<pg_sys::Oid>(&sql).ok().flatten().map(|o| o.to_u32())
 }
 
-/// Walk the files of a table (see [`start_files`] for `resume_only`).
-/// Returns the number of files walked.
+/// Walk the files of a table; `resume_only` for the resuming worker.  Returns the
+/// number of files walked.
 fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> usize {
     // SAFETY: reads shared recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
@@ -1000,17 +982,10 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
     // The resuming worker waits like any session (autovacuum gives way to it); a
     // session that was walking the table meanwhile has finished it then.
     unsafe { pg_sys::LockRelationOid(relation, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE) };
-    if resume_only {
-        // Gone, or finished by someone else meanwhile: nothing to resume.
-        let exists = Spi::get_one::<bool>(&format!(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = {})",
-            relation.to_u32()
-        ))
-        .unwrap_or_else(|e| spi_failed(e))
-        .unwrap_or(false);
-        if !exists || files_of(relation).iter().all(|t| record_of(t.id).ok().flatten().is_none()) {
-            return 0;
-        }
+    // The resuming worker continues only a walk that left records: none when the
+    // table is gone (it has no files then) or someone else finished the walk.
+    if resume_only && files_of(relation).iter().all(|t| record_of(t.id).ok().flatten().is_none()) {
+        return 0;
     }
     let is_tde = crate::am::is_tde_heap_oid(relation);
     let relkind = Spi::get_one::<String>(&format!(
@@ -1049,10 +1024,7 @@ fn walk_relation(relation: pg_sys::Oid, mode: RekeyMode, resume_only: bool) -> u
     let mut throttle = Throttle { cost: 0 };
     // From here an ERROR (cancel, timeout, failure) marks the files interrupted.
     WALKING.with(|w| *w.borrow_mut() = targets.iter().map(|t| t.id).collect());
-    let work = start_files(&targets, mode, resume_only).or_raise();
-    if resume_only && work.is_empty() {
-        return 0;
-    }
+    let work = start_files(&targets, mode).or_raise();
     let walked = work.len();
     for (target, record) in work {
         set_progress(target.id, target.relid.to_u32(), 1, 0, 0);
